@@ -1,0 +1,702 @@
+"""CLIP (Radford et al., 2021) on transformers' `PreTrainedModel` API.
+
+Two towers map images and texts into one embedding space; the model is trained to pick which caption goes
+with which image. The image tower is the paper's modified ResNet (three-conv stem, anti-aliased strided
+blocks, attention pooling) or a ViT (class token, `ln_pre`); the text tower is a causal transformer read at
+the end-of-text token. This file imports only its sibling config so `trust_remote_code` can copy it flat.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_hf_clip import HfClipConfig, HfClipTextConfig, HfClipVisionConfig
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation the released OpenAI weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def _activation(name: str) -> nn.Module:
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention on [batch, heads, seq, dim]; kept for `attn_implementation="eager"`."""
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def _attention(
+    module: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dispatch to the configured kernel. Causality is a flag for SDPA/flash and a cached additive mask for eager."""
+    impl = module.config._attn_implementation or "sdpa"
+    scaling = module.head_dim**-0.5
+    if impl == "eager":
+        mask = None
+        if causal_mask is not None:
+            mask = causal_mask[: q.shape[-2], : k.shape[-2]].to(q.dtype)
+        return eager_attention_forward(module, q, k, v, mask, scaling=scaling)
+    fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+    return fn(
+        module, q, k, v, None, scaling=scaling, dropout=0.0, is_causal=causal_mask is not None, **kwargs
+    )
+
+
+class HfClipAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection (the layout of OpenAI's `in_proj_weight`)."""
+
+    def __init__(self, config: HfClipTextConfig | HfClipVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        self.is_causal = False
+        self.qkv_proj = nn.Linear(self.embed_dim, 3 * self.embed_dim)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def forward(self, hidden_states: torch.Tensor, causal_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(batch, seq, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out, _ = _attention(self, q, k, v, causal_mask)
+        return self.out_proj(out.reshape(batch, seq, self.embed_dim))
+
+
+class HfClipMLP(nn.Module):
+    def __init__(self, config: HfClipTextConfig | HfClipVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = _activation(config.hidden_act)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class HfClipEncoderLayer(GradientCheckpointingLayer):
+    """Pre-norm residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, config: HfClipTextConfig | HfClipVisionConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = HfClipAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = HfClipMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, causal_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), causal_mask)
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+class HfClipEncoder(nn.Module):
+    def __init__(self, config: HfClipTextConfig | HfClipVisionConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([HfClipEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        causal_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        all_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, causal_mask)
+            if output_hidden_states:
+                all_states += (hidden_states,)
+        return hidden_states, all_states
+
+
+def _resize_grid(pos: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubically resize a square grid of position embeddings [n*n, C] to new_grid (h, w)."""
+    side = int(math.isqrt(pos.shape[0]))
+    grid = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], -1).to(pos.dtype)
+
+
+def _check_size(height: int, width: int, expected: int, interpolate: bool, multiple: int) -> None:
+    if interpolate:
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"Input size {height}x{width} must be a multiple of {multiple} for this image tower."
+            )
+        return
+    if height != expected or width != expected:
+        raise ValueError(
+            f"Input image size ({height}x{width}) does not match the model ({expected}x{expected}). "
+            "Resize with the model's image processor, or pass interpolate_pos_encoding=True to resample the "
+            "position embeddings."
+        )
+
+
+class HfClipPreTrainedModel(PreTrainedModel):
+    config_class = HfClipConfig
+    config: HfClipConfig
+    base_model_prefix = "hf_clip"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _no_split_modules = ["HfClipEncoderLayer", "HfClipBottleneck", "HfClipAttentionPool"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise as the released code does: scaled normals in the text tower, zero-gamma ResNet blocks."""
+        factor = self.config.initializer_factor
+        if isinstance(module, HfClipTextTransformer):
+            init.normal_(module.embeddings.token_embedding.weight, std=0.02 * factor)
+            init.normal_(module.embeddings.position_embedding.weight, std=0.01 * factor)
+        elif isinstance(module, HfClipVisionTransformer):
+            scale = module.config.hidden_size**-0.5 * factor
+            init.normal_(module.embeddings.class_embedding, std=scale)
+            init.normal_(module.embeddings.position_embedding.weight, std=scale)
+            init.kaiming_uniform_(module.embeddings.patch_embedding.weight, a=math.sqrt(5))
+        elif isinstance(module, HfClipAttention):
+            width, layers = module.embed_dim, module.config.num_hidden_layers
+            if isinstance(module.config, HfClipTextConfig):
+                init.normal_(module.qkv_proj.weight, std=width**-0.5 * factor)
+                init.normal_(module.out_proj.weight, std=width**-0.5 * (2 * layers) ** -0.5 * factor)
+            else:  # the released ViT keeps nn.MultiheadAttention's own initialisation
+                init.xavier_uniform_(module.qkv_proj.weight)
+                init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+            init.zeros_(module.qkv_proj.bias)
+            init.zeros_(module.out_proj.bias)
+        elif isinstance(module, HfClipMLP):
+            width, layers = module.config.hidden_size, module.config.num_hidden_layers
+            if isinstance(module.config, HfClipTextConfig):
+                init.normal_(module.fc1.weight, std=(2 * width) ** -0.5 * factor)
+                init.normal_(module.fc2.weight, std=width**-0.5 * (2 * layers) ** -0.5 * factor)
+            else:
+                init.kaiming_uniform_(module.fc1.weight, a=math.sqrt(5))
+                init.kaiming_uniform_(module.fc2.weight, a=math.sqrt(5))
+            init.zeros_(module.fc1.bias)
+            init.zeros_(module.fc2.bias)
+        elif isinstance(module, HfClipAttentionPool):
+            std = module.c_proj.in_features**-0.5 * factor
+            init.normal_(module.position_embedding, std=std)
+            for proj in (module.q_proj, module.k_proj, module.v_proj, module.c_proj):
+                init.normal_(proj.weight, std=std)
+                init.zeros_(proj.bias)
+        elif isinstance(module, HfClipBottleneck):
+            init.zeros_(module.bn3.weight)  # each residual block starts as the identity
+        elif isinstance(module, nn.Conv2d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm2d):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, HfClipModel):
+            init.normal_(
+                module.text_projection.weight, std=module.config.text_config.hidden_size**-0.5 * factor
+            )
+            if isinstance(module.visual_projection, nn.Linear):
+                init.normal_(
+                    module.visual_projection.weight,
+                    std=module.config.vision_config.hidden_size**-0.5 * factor,
+                )
+            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+        elif isinstance(module, HfClipTextModelWithProjection):
+            init.normal_(module.text_projection.weight, std=module.config.hidden_size**-0.5 * factor)
+        elif isinstance(module, HfClipVisionModelWithProjection) and isinstance(
+            module.visual_projection, nn.Linear
+        ):
+            init.normal_(module.visual_projection.weight, std=module.config.hidden_size**-0.5 * factor)
+        if isinstance(module, HfClipTextTransformer):
+            n = module.config.max_position_embeddings
+            init.copy_(module.causal_mask, torch.full((n, n), float("-inf")).triu_(1))
+
+    def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
+        """Also record every Auto class in `auto_map`, so the folder loads with `trust_remote_code=True`."""
+        if self._auto_class is not None:
+            config = self.config
+            auto_map = dict(getattr(config, "auto_map", None) or {})
+            auto_map.setdefault("AutoConfig", f"configuration_hf_clip.{config.__class__.__name__}")
+            for auto_class in _AUTO_CLASSES.get(type(self).__name__, ()):
+                auto_map[auto_class] = f"modeling_hf_clip.{type(self).__name__}"
+            config.auto_map = auto_map
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class HfClipTextTransformer(HfClipPreTrainedModel):
+    """Causal transformer over BPE tokens; the sequence is summarised at its first end-of-text token."""
+
+    config_class = HfClipTextConfig
+    config: HfClipTextConfig
+
+    def __init__(self, config: HfClipTextConfig) -> None:
+        super().__init__(config)
+        self.embeddings = nn.Module()
+        self.embeddings.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.encoder = HfClipEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # Built once: eager attention adds it, the fused kernels only need the is_causal flag.
+        n = config.max_position_embeddings
+        mask = torch.full((n, n), float("-inf")).triu_(1)
+        self.register_buffer("causal_mask", mask, persistent=False)
+        self.post_init()
+
+    def forward(
+        self, input_ids: torch.Tensor, output_hidden_states: bool = False
+    ) -> BaseModelOutputWithPooling:
+        seq = input_ids.shape[-1]
+        if seq > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Text is {seq} tokens long but the model's context is {self.config.max_position_embeddings}; "
+                "tokenize with truncation=True, max_length=77."
+            )
+        x = self.embeddings.token_embedding(input_ids) + self.embeddings.position_embedding.weight[:seq]
+        x, states = self.encoder(x, self.causal_mask, output_hidden_states)
+        x = self.final_layer_norm(x)
+        # First end-of-text position: correct whether padding uses 0 or the end-of-text id itself.
+        is_eos = input_ids == self.config.eos_token_id
+        first_eos = is_eos.int().argmax(-1)
+        last = torch.full_like(first_eos, seq - 1)
+        index = torch.where(is_eos.any(-1), first_eos, last)
+        pooled = x[torch.arange(x.shape[0], device=x.device), index]
+        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states)
+
+
+class HfClipVisionTransformer(HfClipPreTrainedModel):
+    """ViT image tower: bias-free patch convolution, class token, `ln_pre`, encoder, LayerNorm on the class token."""
+
+    config_class = HfClipVisionConfig
+    config: HfClipVisionConfig
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: HfClipVisionConfig) -> None:
+        super().__init__(config)
+        width = config.hidden_size
+        self.embeddings = nn.Module()
+        self.embeddings.class_embedding = nn.Parameter(torch.zeros(width))
+        self.embeddings.patch_embedding = nn.Conv2d(
+            config.num_channels, width, kernel_size=config.patch_size, stride=config.patch_size, bias=False
+        )
+        grid = config.image_size // config.patch_size
+        self.embeddings.position_embedding = nn.Embedding(grid * grid + 1, width)
+        self.pre_layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.encoder = HfClipEncoder(config)
+        self.post_layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutputWithPooling:
+        height, width = pixel_values.shape[-2:]
+        patch = self.config.patch_size
+        _check_size(height, width, self.config.image_size, interpolate_pos_encoding, patch)
+        emb = self.embeddings
+        x = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = emb.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        pos = emb.position_embedding.weight
+        if (height, width) != (self.config.image_size,) * 2:
+            pos = torch.cat([pos[:1], _resize_grid(pos[1:], (height // patch, width // patch))])
+        x = self.pre_layernorm(x + pos)
+        x, states = self.encoder(x, None, output_hidden_states)
+        pooled = self.post_layernorm(x[:, 0])
+        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states)
+
+
+class HfClipBottleneck(GradientCheckpointingLayer):
+    """ResNet bottleneck whose stride is an average pool before the last 1x1 conv (anti-aliasing), as in the paper."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * self.expansion:
+            self.downsample = nn.Sequential()
+            self.downsample.add_module("pool", nn.AvgPool2d(stride) if stride > 1 else nn.Identity())
+            self.downsample.add_module("conv", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False))
+            self.downsample.add_module("bn", nn.BatchNorm2d(planes * self.expansion))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        return F.relu(out + identity)
+
+
+class HfClipAttentionPool(nn.Module):
+    """Replaces global average pooling: one attention layer whose query is the mean of the spatial tokens."""
+
+    def __init__(self, config: HfClipVisionConfig, spatial: int, embed_dim: int, output_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = embed_dim // self.num_heads
+        self.is_causal = False
+        self.position_embedding = nn.Parameter(torch.zeros(spatial * spatial + 1, embed_dim))
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        x = x.flatten(2).transpose(1, 2)  # [B, HW, C]
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
+        pos = self.position_embedding
+        if height * width + 1 != pos.shape[0]:
+            pos = torch.cat([pos[:1], _resize_grid(pos[1:], (height, width))])
+        x = x + pos.to(x.dtype)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(x[:, :1])), heads(self.k_proj(x)), heads(self.v_proj(x))
+        out, _ = _attention(self, q, k, v, None)
+        return self.c_proj(out.reshape(batch, channels))
+
+
+class HfClipResNet(HfClipPreTrainedModel):
+    """The paper's modified ResNet: three-conv stem with average pooling, anti-aliased stages, attention pooling."""
+
+    config_class = HfClipVisionConfig
+    config: HfClipVisionConfig
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: HfClipVisionConfig) -> None:
+        super().__init__(config)
+        width = config.hidden_size
+        self.conv1 = nn.Conv2d(config.num_channels, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.avgpool = nn.AvgPool2d(2)
+        inplanes = width
+        for i, blocks in enumerate(config.resnet_layers):
+            planes = width * 2**i
+            stage = [HfClipBottleneck(inplanes, planes, 1 if i == 0 else 2)]
+            inplanes = planes * HfClipBottleneck.expansion
+            stage += [HfClipBottleneck(inplanes, planes) for _ in range(1, blocks)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+        self.attnpool = HfClipAttentionPool(
+            config, config.image_size // 32, width * 32, config.projection_dim
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutputWithPooling:
+        _check_size(*pixel_values.shape[-2:], self.config.image_size, interpolate_pos_encoding, 32)
+        x = pixel_values.to(self.conv1.weight.dtype)
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = self.avgpool(F.relu(self.bn3(self.conv3(x))))
+        states = (x,) if output_hidden_states else None
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            if output_hidden_states:
+                states += (x,)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=x, pooler_output=self.attnpool(x), hidden_states=states
+        )
+
+
+def build_vision_tower(config: HfClipVisionConfig) -> nn.Module:
+    return HfClipResNet(config) if config.vision_type == "resnet" else HfClipVisionTransformer(config)
+
+
+def _visual_projection(config: HfClipVisionConfig) -> nn.Module:
+    # The ResNet attention pool already ends in the embedding width (its c_proj); the ViT needs a projection.
+    if config.vision_type == "resnet":
+        return nn.Identity()
+    return nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(p=2, dim=-1, keepdim=True)
+
+
+def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy over the similarity matrix of one (local) batch."""
+    labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
+    return (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels)) / 2
+
+
+@dataclass
+class HfClipOutput(ModelOutput):
+    """Outputs of `HfClipModel`; embeddings are L2-normalised, logits are scaled by exp(logit_scale)."""
+
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(
+            self[k].to_tuple() if k in ("text_model_output", "vision_model_output") else self[k]
+            for k in self.keys()
+        )
+
+
+@dataclass
+class HfClipTextModelOutput(ModelOutput):
+    text_embeds: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class HfClipVisionModelOutput(ModelOutput):
+    image_embeds: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class HfClipTextModel(HfClipPreTrainedModel):
+    """The text tower without projection; `pooler_output` holds the end-of-text features."""
+
+    config_class = HfClipTextConfig
+    config: HfClipTextConfig
+    input_modalities = ("text",)
+
+    def __init__(self, config: HfClipTextConfig) -> None:
+        super().__init__(config)
+        self.text_model = HfClipTextTransformer(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.text_model.embeddings.token_embedding = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling:
+        """`attention_mask` is accepted for API compatibility: the tower is causal and pools at the end-of-text
+        token, so right padding never changes the result."""
+        return self.text_model(input_ids, output_hidden_states=output_hidden_states)
+
+
+class HfClipVisionModel(HfClipPreTrainedModel):
+    """The image tower without projection (for a ResNet, `pooler_output` is the attention pool's output)."""
+
+    config_class = HfClipVisionConfig
+    config: HfClipVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def __init__(self, config: HfClipVisionConfig) -> None:
+        super().__init__(config)
+        self.vision_model = build_vision_tower(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling:
+        return self.vision_model(pixel_values, interpolate_pos_encoding, output_hidden_states)
+
+
+class HfClipTextModelWithProjection(HfClipPreTrainedModel):
+    config_class = HfClipTextConfig
+    config: HfClipTextConfig
+    input_modalities = ("text",)
+
+    def __init__(self, config: HfClipTextConfig) -> None:
+        super().__init__(config)
+        self.text_model = HfClipTextTransformer(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.embeddings.token_embedding
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **kwargs: Any,
+    ) -> HfClipTextModelOutput:
+        out = self.text_model(input_ids, output_hidden_states=output_hidden_states)
+        return HfClipTextModelOutput(
+            text_embeds=self.text_projection(out.pooler_output),
+            last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+        )
+
+
+class HfClipVisionModelWithProjection(HfClipPreTrainedModel):
+    config_class = HfClipVisionConfig
+    config: HfClipVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def __init__(self, config: HfClipVisionConfig) -> None:
+        super().__init__(config)
+        self.vision_model = build_vision_tower(config)
+        self.visual_projection = _visual_projection(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+        **kwargs: Any,
+    ) -> HfClipVisionModelOutput:
+        out = self.vision_model(pixel_values, interpolate_pos_encoding, output_hidden_states)
+        return HfClipVisionModelOutput(
+            image_embeds=self.visual_projection(out.pooler_output),
+            last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+        )
+
+
+class HfClipModel(HfClipPreTrainedModel):
+    """Both towers, their projections into the joint space, and the learned temperature."""
+
+    def __init__(self, config: HfClipConfig) -> None:
+        super().__init__(config)
+        self.text_model = HfClipTextTransformer(config.text_config)
+        self.vision_model = build_vision_tower(config.vision_config)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.visual_projection = _visual_projection(config.vision_config)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.embeddings.token_embedding
+
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """Projected, unnormalised text embeddings [batch, projection_dim]."""
+        return self.text_projection(self.text_model(input_ids).pooler_output)
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs: Any
+    ) -> torch.Tensor:
+        """Projected, unnormalised image embeddings [batch, projection_dim]."""
+        return self.visual_projection(self.vision_model(pixel_values, interpolate_pos_encoding).pooler_output)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> HfClipOutput | tuple[Any, ...]:
+        if input_ids is None or pixel_values is None:
+            raise ValueError(
+                "HfClipModel.forward needs both input_ids and pixel_values; use get_text_features or "
+                "get_image_features for one modality."
+            )
+        vision_out = self.vision_model(pixel_values, interpolate_pos_encoding, output_hidden_states)
+        text_out = self.text_model(input_ids, output_hidden_states=output_hidden_states)
+        image_embeds = _normalize(self.visual_projection(vision_out.pooler_output))
+        text_embeds = _normalize(self.text_projection(text_out.pooler_output))
+        logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t().to(text_embeds.dtype)
+        logits_per_image = logits_per_text.t()
+        loss = contrastive_loss(logits_per_text) if return_loss else None
+        output = HfClipOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_out,
+            vision_model_output=vision_out,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+# Which Auto classes each model answers to; written into `auto_map` by save_pretrained.
+_AUTO_CLASSES = {
+    "HfClipModel": ("AutoModel", "AutoModelForZeroShotImageClassification"),
+    "HfClipTextModel": ("AutoModel",),
+    "HfClipVisionModel": ("AutoModel",),
+    "HfClipTextModelWithProjection": ("AutoModel",),
+    "HfClipVisionModelWithProjection": ("AutoModel",),
+}
+
+__all__ = [
+    "HfClipModel",
+    "HfClipOutput",
+    "HfClipPreTrainedModel",
+    "HfClipTextModel",
+    "HfClipTextModelWithProjection",
+    "HfClipVisionModel",
+    "HfClipVisionModelWithProjection",
+    "contrastive_loss",
+]
