@@ -1,0 +1,250 @@
+"""Config, towers and model API; numerical parity with open_clip lives in test_convert.py."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
+
+import hf_clip
+from hf_clip import (
+    PAPER_MODELS,
+    HfClipConfig,
+    HfClipModel,
+    HfClipTextModel,
+    HfClipTextModelWithProjection,
+    HfClipVisionConfig,
+    HfClipVisionModelWithProjection,
+)
+
+EOS = 49407
+
+
+def tiny_config(vision_type: str = "vit", **kw) -> HfClipConfig:
+    vision = (
+        dict(vision_type="vit", image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2)
+        if vision_type == "vit"
+        else dict(vision_type="resnet", image_size=64, hidden_size=16, resnet_layers=[1, 1, 1, 1])
+    )
+    return HfClipConfig(
+        projection_dim=32,
+        text_config=dict(hidden_size=64, num_hidden_layers=2, vocab_size=EOS + 1),
+        vision_config=vision,
+        **kw,
+    )
+
+
+def ids_batch() -> torch.Tensor:
+    ids = torch.zeros(3, 77, dtype=torch.long)
+    for row, n in enumerate((3, 10, 0)):
+        ids[row, 0] = 49406
+        ids[row, 1 : n + 1] = torch.arange(100, 100 + n)
+        ids[row, n + 1] = EOS
+    return ids
+
+
+def pixels(cfg: HfClipConfig, n: int = 3) -> torch.Tensor:
+    size = cfg.vision_config.image_size
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "name,alias",
+    [("ViT-B/32", "ViT-B-32"), ("ViT-L/14@336px", "ViT-L-14-336"), ("RN50x4", "rn50x4"), ("RN50", "RN50-quickgelu")],
+)
+def test_preset_spellings(name, alias):
+    assert HfClipConfig.from_preset(name).to_dict() == HfClipConfig.from_preset(alias).to_dict()
+
+
+def test_preset_sizes_match_the_paper():
+    # Parameter counts of Radford et al. (2021), built on the meta device so this stays instant.
+    expected_millions = {
+        "RN50": 102.0,
+        "RN101": 119.7,
+        "RN50x4": 178.3,
+        "RN50x16": 291.0,
+        "RN50x64": 623.3,
+        "ViT-B/32": 151.3,
+        "ViT-B/16": 149.6,
+        "ViT-L/14": 427.6,
+        "ViT-L/14@336px": 427.9,
+    }
+    assert list(expected_millions) == list(PAPER_MODELS)
+    for name, millions in expected_millions.items():
+        with torch.device("meta"):
+            model = HfClipModel(HfClipConfig.from_preset(name))
+        count = sum(p.numel() for p in model.parameters()) / 1e6
+        assert round(count, 1) == millions, name
+
+
+def test_laion_sizes_and_activation():
+    big_g = HfClipConfig.from_preset("ViT-bigG-14")
+    assert big_g.vision_config.hidden_act == "gelu" and big_g.vision_config.intermediate_size == 8192
+    assert big_g.text_config.num_attention_heads == 20 and big_g.projection_dim == 1280
+    assert HfClipConfig.from_preset("ViT-H-14-quickgelu").text_config.hidden_act == "quick_gelu"
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(vision_type="vit", hidden_size=100, num_attention_heads=3), "not divisible"),
+        (dict(vision_type="vit", image_size=224, patch_size=30), "does not divide"),
+        (dict(vision_type="resnet", image_size=100), "multiple of 32"),
+        (dict(vision_type="conv"), "vision_type"),
+        (dict(hidden_act="relu"), "hidden_act"),
+    ],
+)
+def test_impossible_sizes_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        HfClipVisionConfig(**kwargs)
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="Unknown preset 'ViT-Q/7'.*ViT-B/32"):
+        HfClipConfig.from_preset("ViT-Q/7")
+
+
+@pytest.mark.parametrize("vision_type", ["vit", "resnet"])
+def test_forward_outputs_and_loss(vision_type):
+    cfg = tiny_config(vision_type)
+    model = HfClipModel(cfg).eval()
+    assert math.isclose(model.logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-4)
+    ids, px = ids_batch(), pixels(cfg)
+    out = model(input_ids=ids, pixel_values=px, return_loss=True)
+    assert out.logits_per_image.shape == (3, 3) and torch.equal(out.logits_per_image, out.logits_per_text.t())
+    assert torch.allclose(out.image_embeds.norm(dim=-1), torch.ones(3), atol=1e-5)
+    manual = model.logit_scale.exp() * model.get_image_features(px) @ model.get_text_features(ids).t()
+    manual = manual / model.get_image_features(px).norm(dim=-1, keepdim=True)
+    manual = manual / model.get_text_features(ids).norm(dim=-1)
+    assert torch.allclose(out.logits_per_image, manual, atol=1e-5)
+    labels = torch.arange(3)
+    expected = (
+        torch.nn.functional.cross_entropy(manual, labels) + torch.nn.functional.cross_entropy(manual.t(), labels)
+    ) / 2
+    assert torch.allclose(out.loss, expected, atol=1e-5)
+    assert out.vision_model_output.pooler_output.shape[0] == 3
+    assert isinstance(model(input_ids=ids, pixel_values=px, return_dict=False), tuple)
+
+
+def test_text_pooling_ignores_padding_style():
+    model = HfClipModel(tiny_config()).eval()
+    ids = ids_batch()
+    eos_padded = ids.clone()
+    for row in range(3):
+        first = int((ids[row] == EOS).nonzero()[0])
+        eos_padded[row, first:] = EOS
+    assert torch.allclose(model.get_text_features(ids), model.get_text_features(eos_padded), atol=1e-6)
+    # The causal tower never looks past the end-of-text token, so what follows it cannot matter.
+    garbage = ids.clone()
+    garbage[ids == 0] = 555
+    assert torch.allclose(model.get_text_features(ids), model.get_text_features(garbage), atol=1e-6)
+
+
+@pytest.mark.parametrize("vision_type", ["vit", "resnet"])
+def test_eager_equals_sdpa(vision_type):
+    cfg = tiny_config(vision_type)
+    sdpa = HfClipModel(cfg).eval()
+    eager = HfClipModel(cfg).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    eager.set_attn_implementation("eager")
+    assert eager.text_model.config._attn_implementation == "eager"
+    ids, px = ids_batch(), pixels(cfg)
+    assert torch.allclose(sdpa.get_text_features(ids), eager.get_text_features(ids), atol=1e-5)
+    assert torch.allclose(sdpa.get_image_features(px), eager.get_image_features(px), atol=1e-5)
+
+
+@pytest.mark.parametrize("vision_type", ["vit", "resnet"])
+def test_gradient_checkpointing_same_gradients(vision_type):
+    cfg = tiny_config(vision_type)
+    ids, px = ids_batch(), pixels(cfg)
+    grads = []
+    model = HfClipModel(cfg).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for checkpointing in (False, True):
+        model.load_state_dict(state)
+        model.zero_grad()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=ids, pixel_values=px, return_loss=True).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert model.text_model.encoder.layers[0].gradient_checkpointing
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("vision_type,size", [("vit", 48), ("resnet", 96)])
+def test_position_interpolation(vision_type, size):
+    cfg = tiny_config(vision_type)
+    model = HfClipModel(cfg).eval()
+    px = torch.randn(2, 3, size, size)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+        model.get_image_features(px)
+    assert model.get_image_features(px, interpolate_pos_encoding=True).shape == (2, 32)
+    # At the native size interpolation is the identity.
+    native = pixels(cfg, 2)
+    assert torch.allclose(
+        model.get_image_features(native), model.get_image_features(native, interpolate_pos_encoding=True)
+    )
+
+
+def test_too_long_text_raises():
+    model = HfClipModel(tiny_config())
+    with pytest.raises(ValueError, match="truncation=True"):
+        model.get_text_features(torch.ones(1, 78, dtype=torch.long))
+
+
+def test_auto_classes_save_load_and_dtype(tmp_path):
+    cfg = tiny_config()
+    model = HfClipModel(cfg).eval()
+    model.save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForZeroShotImageClassification"] == "modeling_hf_clip.HfClipModel"
+    assert (tmp_path / "modeling_hf_clip.py").exists() and (tmp_path / "configuration_hf_clip.py").exists()
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), HfClipConfig)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    ids = ids_batch()
+    assert torch.equal(loaded.get_text_features(ids), model.get_text_features(ids))
+    bf16 = AutoModelForZeroShotImageClassification.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    assert bf16.get_image_features(pixels(cfg)).dtype == torch.bfloat16
+    text = HfClipTextModelWithProjection.from_pretrained(tmp_path).eval()
+    assert torch.allclose(text(ids).text_embeds, model.get_text_features(ids))
+    vision = HfClipVisionModelWithProjection.from_pretrained(tmp_path).eval()
+    assert torch.allclose(vision(pixels(cfg)).image_embeds, model.get_image_features(pixels(cfg)))
+    assert HfClipTextModel.from_pretrained(tmp_path)(ids).pooler_output.shape == (3, 64)
+
+
+def test_remote_code_loads_without_hf_clip(tmp_path):
+    model = HfClipModel(tiny_config("resnet")).eval()
+    model.save_pretrained(tmp_path)
+    expected = model.get_image_features(pixels(model.config)).tolist()
+    script = f"""
+import sys, json, torch
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'hf_clip':
+            raise ImportError('hf_clip is blocked in this interpreter')
+sys.meta_path.insert(0, Block())
+try:
+    import hf_clip
+    raise SystemExit('hf_clip should not be importable here')
+except ImportError:
+    pass
+from transformers import AutoModelForZeroShotImageClassification
+model = AutoModelForZeroShotImageClassification.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+px = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+print(type(model).__module__)
+print(json.dumps(model.get_image_features(px).tolist()))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path.parent)
+    assert run.returncode == 0, run.stderr
+    module, values = run.stdout.strip().splitlines()[-2:]
+    assert module.startswith("transformers_modules")
+    assert torch.allclose(torch.tensor(json.loads(values)), torch.tensor(expected), atol=1e-6)
+
+
+def test_everything_public_is_exported():
+    for name in hf_clip.__all__:
+        assert getattr(hf_clip, name) is not None
