@@ -226,6 +226,7 @@ class HfClipConfig(PretrainedConfig):
         vision_config: dict[str, Any] | HfClipVisionConfig | None = None,
         projection_dim: int = 512,
         logit_scale_init_value: float = 2.6592,
+        logit_bias_init_value: float | None = None,
         initializer_factor: float = 1.0,
         **kwargs: Any,
     ) -> None:
@@ -243,6 +244,8 @@ class HfClipConfig(PretrainedConfig):
         self.vision_config = HfClipVisionConfig(**vision_config)
         self.projection_dim = projection_dim
         self.logit_scale_init_value = logit_scale_init_value
+        # Set (e.g. to -10) for a SigLIP-style model: adds a learned bias to the logits and a sigmoid loss.
+        self.logit_bias_init_value = logit_bias_init_value
         self.initializer_factor = initializer_factor
         super().__init__(**kwargs)
 

@@ -239,6 +239,8 @@ class HfClipPreTrainedModel(PreTrainedModel):
                     std=module.config.vision_config.hidden_size**-0.5 * factor,
                 )
             init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+            if module.logit_bias is not None:
+                init.constant_(module.logit_bias, module.config.logit_bias_init_value)
         elif isinstance(module, HfClipTextModelWithProjection):
             init.normal_(module.text_projection.weight, std=module.config.hidden_size**-0.5 * factor)
         elif isinstance(module, HfClipVisionModelWithProjection) and isinstance(
@@ -477,6 +479,12 @@ def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     return (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels)) / 2
 
 
+def sigmoid_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al., 2023) for models with a learned logit bias."""
+    signs = 2 * torch.eye(logits_per_text.shape[0], device=logits_per_text.device) - 1
+    return -F.logsigmoid(signs * logits_per_text).sum() / logits_per_text.shape[0]
+
+
 @dataclass
 class HfClipOutput(ModelOutput):
     """Outputs of `HfClipModel`; embeddings are L2-normalised, logits are scaled by exp(logit_scale)."""
@@ -629,6 +637,8 @@ class HfClipModel(HfClipPreTrainedModel):
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.visual_projection = _visual_projection(config.vision_config)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        bias = config.logit_bias_init_value
+        self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -667,8 +677,16 @@ class HfClipModel(HfClipPreTrainedModel):
         image_embeds = _normalize(self.visual_projection(vision_out.pooler_output))
         text_embeds = _normalize(self.text_projection(text_out.pooler_output))
         logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t().to(text_embeds.dtype)
+        if self.logit_bias is not None:
+            logits_per_text = logits_per_text + self.logit_bias
         logits_per_image = logits_per_text.t()
-        loss = contrastive_loss(logits_per_text) if return_loss else None
+        loss = None
+        if return_loss:
+            loss = (
+                contrastive_loss(logits_per_text)
+                if self.logit_bias is None
+                else sigmoid_loss(logits_per_text)
+            )
         output = HfClipOutput(
             loss=loss,
             logits_per_image=logits_per_image,
