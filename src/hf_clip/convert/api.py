@@ -1,0 +1,185 @@
+"""Convert a CLIP checkpoint into a complete hf_clip model directory, or an hf_clip model into transformers'.
+
+Sources: OpenAI's TorchScript archives (read without executing them), OpenAI / open_clip state dicts
+(``.pt``/``.bin``/``.pth`` via ``torch.load(weights_only=True)``, or ``.safetensors``), transformers
+``CLIPModel`` directories and hf_clip directories. Every tensor is accounted for: missing, unexpected or
+mis-shaped tensors raise `ConversionError` naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from os import PathLike
+from pathlib import Path
+
+import torch
+from transformers import CLIPConfig, CLIPModel
+from transformers.initialization import no_init_weights
+
+from ..configuration_hf_clip import ACTIVATIONS, HfClipConfig
+from ..modeling_hf_clip import HfClipModel
+from .infer import detect_layout, infer_openai_config, infer_transformers_config
+from .loading import load_state_dict_file
+from .openai import OPENAI_EXTRA_KEYS, openai_rules
+from .processor import check_processor_vocabulary, save_processor_files
+from .rules import ConversionError, apply_rules, check_shapes, invert_rules
+from .transformers import (
+    TRANSFORMERS_EXTRA_KEYS,
+    config_from_transformers,
+    config_to_transformers,
+    transformers_rules,
+)
+
+__all__ = ["convert_checkpoint", "load_hf_clip_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+_TARGETS = ("hf_clip", "transformers")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _load_directory_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Weights of a save_pretrained directory: one file, or shards listed in an index json."""
+    for name in _WEIGHT_FILES:
+        index = directory / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state_dict: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state_dict.update(load_state_dict_file(directory / shard))
+            return state_dict
+        if (directory / name).is_file():
+            return load_state_dict_file(directory / name)
+    raise FileNotFoundError(f"{directory} has no {' or '.join(_WEIGHT_FILES)} (or sharded index).")
+
+
+def _load_source(src: Path) -> tuple[dict[str, torch.Tensor], HfClipConfig | CLIPConfig | None]:
+    if not src.is_dir():
+        return load_state_dict_file(src), None
+    config_file = src / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{src} is a directory without config.json; pass a checkpoint file instead.")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type == "clip":
+        config: HfClipConfig | CLIPConfig = CLIPConfig.from_pretrained(src)
+    elif model_type == HfClipConfig.model_type:
+        config = HfClipConfig.from_pretrained(src)
+    else:
+        raise ConversionError(
+            f"{src} holds a '{model_type}' model; expected 'clip' (transformers) or 'hf_clip'."
+        )
+    return _load_directory_weights(src), config
+
+
+def _set_activation(config: HfClipConfig, activation: str) -> None:
+    config.text_config.hidden_act = activation
+    config.vision_config.hidden_act = activation
+
+
+def load_hf_clip_state_dict(
+    src: str | PathLike, activation: str | None = None
+) -> tuple[dict[str, torch.Tensor], HfClipConfig]:
+    """Read any supported checkpoint and return its weights under hf_clip names, with the matching config.
+
+    `activation` ("quick_gelu" or "gelu") overrides the config; without a config file (OpenAI / open_clip
+    checkpoints) it defaults to "quick_gelu", the activation of OpenAI's released weights.
+    """
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r}; use one of {ACTIVATIONS}.")
+    src = Path(src)
+    state_dict, source_config = _load_source(src)
+    layout = detect_layout(state_dict)
+    what = f"{layout} checkpoint {src.name}"
+    if layout == "openai":
+        config = infer_openai_config(state_dict, activation or "quick_gelu")
+        state_dict = apply_rules(state_dict, openai_rules(config), OPENAI_EXTRA_KEYS, what)
+    elif layout == "transformers":
+        if isinstance(source_config, CLIPConfig):
+            config = config_from_transformers(source_config)
+        else:
+            config = infer_transformers_config(state_dict, activation or "quick_gelu")
+        state_dict = apply_rules(state_dict, transformers_rules(config), TRANSFORMERS_EXTRA_KEYS, what)
+    else:
+        if not isinstance(source_config, HfClipConfig):
+            raise ConversionError(f"{src} holds hf_clip weights without a config: pass its model directory.")
+        config = source_config
+    if activation is not None:
+        _set_activation(config, activation)
+    with torch.device("meta"):
+        expected = HfClipModel(config).state_dict()
+    check_shapes(state_dict, expected, what)
+    return state_dict, config
+
+
+def _build(model_class: type, config: object, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Instantiate without random initialisation (every weight is overwritten) and load strictly."""
+    with no_init_weights():
+        model = model_class(config)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def _prepare_output(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty; choose a new directory or pass overwrite=True.")
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move the finished directory into place, so a crash never leaves a half-written model behind."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
+        os.replace(out_dir, old / out_dir.name)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def convert_checkpoint(
+    src: str | PathLike,
+    out_dir: str | PathLike,
+    to: str = "hf_clip",
+    bpe_vocab: str | PathLike | None = None,
+    activation: str | None = None,
+    overwrite: bool = False,
+    processor: bool = True,
+) -> Path:
+    """Convert `src` and write a complete model directory (config, safetensors weights, processor) to `out_dir`.
+
+    to="hf_clip" writes an `HfClipModel` directory; to="transformers" a transformers `CLIPModel` one (ViT
+    only). The processor files are built from the OpenAI BPE vocabulary (`bpe_vocab`, by default the copy
+    shipped with open_clip) and the model's input size; `processor=False` skips them (needed when the
+    vocabulary is not OpenAI's). `activation` overrides the activation ("quick_gelu" is assumed for
+    OpenAI / open_clip checkpoints, whose files do not record it). An existing non-empty `out_dir` is only
+    replaced with `overwrite=True`.
+    """
+    if to not in _TARGETS:
+        raise ValueError(f"to={to!r}; use one of {_TARGETS}.")
+    out_dir = Path(out_dir)
+    _prepare_output(out_dir, overwrite)
+    state_dict, config = load_hf_clip_state_dict(src, activation)
+    if processor:
+        check_processor_vocabulary(config)
+    if to == "transformers":
+        clip_config = config_to_transformers(config)
+        model = _build(CLIPModel, clip_config, invert_rules(state_dict, transformers_rules(config)))
+    else:
+        model = _build(HfClipModel, config, state_dict)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp."))
+    try:
+        model.save_pretrained(tmp)
+        if processor:
+            save_processor_files(tmp, config, bpe_vocab, flavour=to)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("Wrote %s model to %s", to, out_dir)
+    return out_dir

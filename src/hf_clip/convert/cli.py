@@ -1,0 +1,70 @@
+"""`hf-clip convert SRC OUT_DIR`: the command-line face of `convert_checkpoint`."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_convert_parser", "run_convert"]
+
+_DESCRIPTION = """\
+Convert a CLIP checkpoint into a complete hf_clip model directory (config.json, model.safetensors,
+tokenizer and image processor). SRC is an OpenAI TorchScript archive (RN50.pt, ViT-B-32.pt, ... read
+without executing it), an OpenAI / open_clip state dict (.pt, .bin, .safetensors), a transformers
+CLIPModel directory or an hf_clip directory. With --to transformers, an hf_clip (or any ViT) source is
+written as a transformers CLIPModel directory instead.
+
+OpenAI / open_clip files do not record their activation; QuickGELU (that of OpenAI's released weights)
+is assumed unless --gelu is given (e.g. for open_clip models trained with exact GELU)."""
+
+
+def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the `convert` sub-command on an `argparse` sub-parsers object."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert OpenAI / open_clip / transformers CLIP checkpoints to hf_clip (or to transformers)",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", help="checkpoint file or model directory to convert")
+    parser.add_argument("out_dir", help="directory to write (must be new or empty unless --overwrite)")
+    parser.add_argument("--to", choices=("hf_clip", "transformers"), default="hf_clip", help="output format")
+    parser.add_argument(
+        "--bpe-vocab", default=None, help="OpenAI BPE file (default: the copy shipped with open_clip)"
+    )
+    activation = parser.add_mutually_exclusive_group()
+    activation.add_argument(
+        "--gelu", dest="activation", action="store_const", const="gelu", help="the model uses exact GELU"
+    )
+    activation.add_argument(
+        "--quick-gelu",
+        dest="activation",
+        action="store_const",
+        const="quick_gelu",
+        help="the model uses QuickGELU (default for OpenAI / open_clip files)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument(
+        "--no-processor",
+        dest="processor",
+        action="store_false",
+        help="write weights and config only (needed for vocabularies other than OpenAI's BPE)",
+    )
+    parser.set_defaults(func=run_convert)
+    return parser
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Run the conversion described by parsed arguments; returns the process exit code."""
+    from .api import convert_checkpoint
+
+    out = convert_checkpoint(
+        args.src,
+        args.out_dir,
+        to=args.to,
+        bpe_vocab=args.bpe_vocab,
+        activation=args.activation,
+        overwrite=args.overwrite,
+        processor=args.processor,
+    )
+    print(f"Wrote {args.to} model to {out}")
+    return 0

@@ -1,0 +1,159 @@
+"""Recover an `HfClipConfig` from tensor names and shapes alone.
+
+OpenAI's archives and open_clip's state dicts carry no config. Everything but the activation follows from
+the shapes: widths, depths (counted from block names), patch size, image size (the position-embedding count
+is a square grid plus one), ResNet stage depths, embedding width, vocabulary and context length. Head
+counts follow CLIP's rule (width / 64; ResNet attention pool: width * 32 / 64). The activation cannot be
+seen: OpenAI's released weights use QuickGELU, so that is the default.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+import torch
+
+from ..configuration_hf_clip import HfClipConfig
+from .rules import ConversionError
+
+__all__ = ["detect_layout", "infer_openai_config", "infer_transformers_config"]
+
+_CLIP_VOCAB_SIZE = 49408  # OpenAI BPE: 49,406 tokens + <start_of_text> + <end_of_text>
+
+
+def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """'openai' (OpenAI / open_clip), 'transformers' (CLIPModel) or 'hf_clip', from the tensor names."""
+    if "token_embedding.weight" in state_dict and "positional_embedding" in state_dict:
+        return "openai"
+    if "text_model.embeddings.token_embedding.weight" in state_dict:
+        if any(".self_attn.qkv_proj." in key for key in state_dict):
+            return "hf_clip"
+        if any(".self_attn.q_proj." in key for key in state_dict):
+            return "transformers"
+    sample = ", ".join(sorted(state_dict)[:8])
+    raise ConversionError(
+        f"Unrecognised checkpoint layout (first tensors: {sample}). Supported: OpenAI / open_clip CLIP state "
+        "dicts and TorchScript archives, transformers CLIPModel, hf_clip."
+    )
+
+
+def _get(state_dict: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in state_dict:
+        raise ConversionError(f"Cannot infer the architecture: the checkpoint has no '{key}'.")
+    return state_dict[key]
+
+
+def _count(state_dict: Mapping[str, torch.Tensor], pattern: str) -> int:
+    """Number of distinct block indices matched by `pattern` (a regex with one group)."""
+    regex = re.compile(pattern)
+    indices = {int(m.group(1)) for key in state_dict if (m := regex.match(key))}
+    if indices != set(range(len(indices))):
+        raise ConversionError(f"Block indices of '{pattern}' are not contiguous: {sorted(indices)}.")
+    return len(indices)
+
+
+def _grid(count: int, what: str) -> int:
+    side = math.isqrt(count - 1)
+    if side * side + 1 != count:
+        raise ConversionError(f"{what} has {count} positions, not a square grid plus one class token.")
+    return side
+
+
+def _token_ids(vocab_size: int) -> dict[str, int]:
+    # CLIP's BPE puts <start_of_text>, <end_of_text> last; open_clip pools at the highest id (argmax).
+    if vocab_size == _CLIP_VOCAB_SIZE:
+        return {}
+    return {"bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1}
+
+
+def infer_openai_config(
+    state_dict: Mapping[str, torch.Tensor], activation: str = "quick_gelu"
+) -> HfClipConfig:
+    """The config of an OpenAI / open_clip CLIP state dict (ViT or modified-ResNet image tower)."""
+    unsupported = [k for k in state_dict if k.startswith(("visual.trunk.", "text.", "visual.attn_pool."))]
+    if unsupported:
+        raise ConversionError(
+            f"This open_clip checkpoint uses a tower hf_clip does not implement (e.g. '{unsupported[0]}'): only "
+            "the OpenAI CLIP architecture (ViT or modified ResNet image tower, CLIP text transformer) converts."
+        )
+    width = _get(state_dict, "ln_final.weight").shape[0]
+    vocab_size = _get(state_dict, "token_embedding.weight").shape[0]
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=_get(state_dict, "transformer.resblocks.0.mlp.c_fc.weight").shape[0],
+        num_hidden_layers=_count(state_dict, r"transformer\.resblocks\.(\d+)\."),
+        num_attention_heads=max(1, width // 64),
+        max_position_embeddings=_get(state_dict, "positional_embedding").shape[0],
+        hidden_act=activation,
+        **_token_ids(vocab_size),
+    )
+    projection_dim = _get(state_dict, "text_projection").shape[1]
+    if "visual.proj" in state_dict:
+        patch = _get(state_dict, "visual.conv1.weight")
+        vision_width, patch_size = patch.shape[0], patch.shape[-1]
+        grid = _grid(_get(state_dict, "visual.positional_embedding").shape[0], "visual.positional_embedding")
+        vision = dict(
+            vision_type="vit",
+            image_size=grid * patch_size,
+            patch_size=patch_size,
+            hidden_size=vision_width,
+            intermediate_size=_get(state_dict, "visual.transformer.resblocks.0.mlp.c_fc.weight").shape[0],
+            num_hidden_layers=_count(state_dict, r"visual\.transformer\.resblocks\.(\d+)\."),
+            num_attention_heads=max(1, vision_width // 64),
+            hidden_act=activation,
+        )
+    elif "visual.attnpool.positional_embedding" in state_dict:
+        vision_width = _get(state_dict, "visual.layer1.0.conv1.weight").shape[0]
+        pool = _get(state_dict, "visual.attnpool.positional_embedding")
+        vision = dict(
+            vision_type="resnet",
+            image_size=_grid(pool.shape[0], "visual.attnpool.positional_embedding") * 32,
+            hidden_size=vision_width,
+            resnet_layers=[_count(state_dict, rf"visual\.layer{i}\.(\d+)\.") for i in (1, 2, 3, 4)],
+            num_attention_heads=max(1, vision_width * 32 // 64),
+            hidden_act=activation,
+        )
+    else:
+        raise ConversionError(
+            "The checkpoint has neither a ViT ('visual.proj') nor a ResNet ('visual.attnpool')."
+        )
+    return HfClipConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+
+
+def infer_transformers_config(
+    state_dict: Mapping[str, torch.Tensor], activation: str = "quick_gelu"
+) -> HfClipConfig:
+    """The config of a bare transformers `CLIPModel` state dict (a weights file without its config.json)."""
+    width = _get(state_dict, "text_model.final_layer_norm.weight").shape[0]
+    vocab_size = _get(state_dict, "text_model.embeddings.token_embedding.weight").shape[0]
+    patch = _get(state_dict, "vision_model.embeddings.patch_embedding.weight")
+    vision_width, patch_size = patch.shape[0], patch.shape[-1]
+    positions = _get(state_dict, "vision_model.embeddings.position_embedding.weight").shape[0]
+    context = _get(state_dict, "text_model.embeddings.position_embedding.weight").shape[0]
+    layer = r"{}\.encoder\.layers\.(\d+)\."
+    return HfClipConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=width,
+            intermediate_size=_get(state_dict, "text_model.encoder.layers.0.mlp.fc1.weight").shape[0],
+            num_hidden_layers=_count(state_dict, layer.format("text_model")),
+            num_attention_heads=max(1, width // 64),
+            max_position_embeddings=context,
+            hidden_act=activation,
+            **_token_ids(vocab_size),
+        ),
+        vision_config=dict(
+            vision_type="vit",
+            image_size=_grid(positions, "vision_model.embeddings.position_embedding") * patch_size,
+            patch_size=patch_size,
+            hidden_size=vision_width,
+            intermediate_size=_get(state_dict, "vision_model.encoder.layers.0.mlp.fc1.weight").shape[0],
+            num_hidden_layers=_count(state_dict, layer.format("vision_model")),
+            num_attention_heads=max(1, vision_width // 64),
+            hidden_act=activation,
+        ),
+        projection_dim=_get(state_dict, "text_projection.weight").shape[0],
+    )

@@ -1,0 +1,66 @@
+"""Load a checkpoint file of any supported kind into a flat state dict, never unpickling arbitrary objects.
+
+Supported: ``.safetensors``; TorchScript archives (OpenAI's released ``.pt``), read by the restricted reader in
+``torchscript.py``; and plain ``torch.save`` state dicts (``.pt``/``.bin``/``.pth``), read with
+``torch.load(weights_only=True)``. Training checkpoints that wrap the weights (``{"state_dict": ...}``, as
+open_clip writes them) and DistributedDataParallel ``module.`` prefixes are unwrapped.
+"""
+
+from __future__ import annotations
+
+import pickle
+from os import PathLike
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .torchscript import is_torchscript_archive, read_torchscript_state_dict
+
+__all__ = ["load_state_dict_file"]
+
+_WRAPPER_KEYS = ("state_dict", "model", "module")
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    while isinstance(obj, dict):
+        wrapped = [key for key in _WRAPPER_KEYS if isinstance(obj.get(key), dict)]
+        if wrapped and not any(isinstance(value, torch.Tensor) for value in obj.values()):
+            obj = obj[wrapped[0]]
+            continue
+        break
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__}).")
+    not_tensors = sorted(key for key, value in obj.items() if not isinstance(value, torch.Tensor))
+    if not_tensors:
+        raise ValueError(f"{path}: entries {not_tensors[:10]} are not tensors; expected a flat state dict.")
+    state_dict = dict(obj)
+    if all(key.startswith("module.") for key in state_dict):
+        state_dict = {key[len("module.") :]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files open with an 8-byte header length followed by a JSON header."""
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    return path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
+
+
+def load_state_dict_file(path: str | PathLike) -> dict[str, torch.Tensor]:
+    """Read the tensors of one checkpoint file (safetensors, TorchScript or ``torch.save``) on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint file at {path}.")
+    if _is_safetensors(path):
+        return load_file(str(path), device="cpu")
+    if is_torchscript_archive(path):
+        return read_torchscript_state_dict(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds objects other than tensors, which are not loaded for safety ({error}). "
+            "Re-save its state dict with torch.save(model.state_dict(), ...) or as .safetensors."
+        ) from error
+    return _unwrap(obj, path)

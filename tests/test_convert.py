@@ -1,0 +1,467 @@
+"""Checkpoint conversion: OpenAI / open_clip (TorchScript, .pt, .safetensors) and transformers into hf_clip and
+back out to transformers, proven by equal outputs on identical inputs (fp32, eval mode)."""
+
+import argparse
+import copy
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+from hf_clip import HfClipModel
+from hf_clip.convert.api import convert_checkpoint
+from hf_clip.convert.cli import add_convert_parser
+from hf_clip.convert.rules import ConversionError
+from hf_clip.image_processing_hf_clip import HfClipImageProcessor
+from hf_clip.processing_hf_clip import HfClipProcessor
+from hf_clip.tokenization_hf_clip import HfClipTokenizer
+
+open_clip = pytest.importorskip("open_clip")
+from open_clip.model import CLIP, convert_weights_to_lp  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
+
+ARCHITECTURES = [
+    "RN50-quickgelu",
+    "RN101-quickgelu",
+    "RN50x4-quickgelu",
+    "RN50x16-quickgelu",
+    "RN50x64-quickgelu",
+    "ViT-B-32-quickgelu",
+    "ViT-B-16-quickgelu",
+    "ViT-L-14-quickgelu",
+    "ViT-L-14-336-quickgelu",
+]
+# Shrunk vocabulary: <start_of_text> = 998, <end_of_text> = 999 (the highest id, as in CLIP's BPE).
+VOCAB = 1000
+REL_TOL = 1e-5
+CAPTIONS = ["a photo of a cat.", "Two dogs, running on the beach!", "naïve café &amp; 42"]
+
+
+def _shrunk_config(name: str) -> dict:
+    """open_clip's config for `name` with the same structure at a fraction of the size.
+
+    Widths / 8 (heads stay width / 64, at least 1), ResNet stages ceil(depth / 8) blocks, ViTs 2 layers,
+    the real patch sizes, and a few-patch image grid that keeps the ordering of the real input sizes.
+    """
+    cfg = copy.deepcopy(open_clip.get_model_config(name))
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    if isinstance(vision["layers"], list):
+        grid = vision["image_size"] // 32
+        vision.update(
+            layers=[-(-n // 8) for n in vision["layers"]],
+            width=vision["width"] // 8,
+            image_size=32 * max(2, grid // 3),
+        )
+    else:
+        grid = vision["image_size"] // vision["patch_size"]
+        vision.update(layers=2, width=vision["width"] // 8, image_size=vision["patch_size"] * (grid // 6 + 1))
+    width = text["width"] // 8
+    text.update(width=width, heads=max(1, width // 64), layers=2, vocab_size=VOCAB)
+    cfg["embed_dim"] //= 8
+    return cfg
+
+
+def _randomize(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine terms, LayerNorm affine terms and temperature."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.2)
+                module.num_batches_tracked.fill_(11)
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.2)
+        model.logit_scale.fill_(3.1)
+    return model.eval()
+
+
+def _reference(cfg: dict, quick_gelu: bool = True, seed: int = 0) -> CLIP:
+    torch.manual_seed(seed)
+    return _randomize(CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], quick_gelu=quick_gelu))
+
+
+def _texts(batch: int = 3, vocab: int = VOCAB, seed: int = 1) -> torch.Tensor:
+    """<start> tokens <end> then zero padding, with different lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    texts = torch.zeros(batch, 77, dtype=torch.long)
+    for row, length in enumerate(torch.randint(1, 70, (batch,), generator=generator).tolist()):
+        texts[row, 0] = vocab - 2
+        texts[row, 1 : length + 1] = torch.randint(1, vocab - 2, (length,), generator=generator)
+        texts[row, length + 1] = vocab - 1
+    return texts
+
+
+def _images(size: int, batch: int = 2, seed: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.shape == expected.shape, what
+    error = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert error < REL_TOL, f"{what}: relative error {error:.2e}"
+
+
+class _Expected:
+    """open_clip's outputs on fixed inputs, computed once and compared with every converted model."""
+
+    def __init__(self, reference: CLIP, image_size: int, vocab: int = VOCAB) -> None:
+        self.images, self.texts = _images(image_size), _texts(vocab=vocab)
+        with torch.no_grad():
+            self.image = reference.encode_image(self.images)
+            self.text = reference.encode_text(self.texts)
+            scale = reference.logit_scale.exp()
+        self.logits = scale * F.normalize(self.image, dim=-1) @ F.normalize(self.text, dim=-1).t()
+
+    def check(self, model: HfClipModel, feature_api: bool = True) -> None:
+        """Logits and normalised embeddings from forward; unnormalised features from get_*_features."""
+        with torch.no_grad():
+            out = model(input_ids=self.texts, pixel_values=self.images)
+            if feature_api:
+                _assert_close(model.get_image_features(self.images), self.image, "image features")
+                _assert_close(model.get_text_features(self.texts), self.text, "text features")
+        _assert_close(out.logits_per_image, self.logits, "logits")
+        _assert_close(out.image_embeds, F.normalize(self.image, dim=-1), "image embeds")
+        _assert_close(out.text_embeds, F.normalize(self.text, dim=-1), "text embeds")
+
+
+def _assert_parity(reference: CLIP, model: HfClipModel, image_size: int, vocab: int = VOCAB) -> None:
+    _Expected(reference, image_size, vocab).check(model)
+
+
+def _save_torchscript(reference: CLIP, path, cfg: dict) -> None:
+    """Like OpenAI's releases: a TorchScript archive with most weights in float16 and three int buffers.
+
+    The reference then takes the float16-rounded values back, so every format holds the same numbers.
+    """
+    half = copy.deepcopy(reference)
+    convert_weights_to_lp(half, torch.float16)
+    image_size = cfg["vision_cfg"]["image_size"]
+    for key, value in (("input_resolution", image_size), ("context_length", 77), ("vocab_size", VOCAB)):
+        if hasattr(half, key):  # open_clip keeps these as plain ints
+            delattr(half, key)
+        half.register_buffer(key, torch.tensor(value))
+    torch.jit.save(torch.jit.script(half), str(path))
+    own = reference.state_dict()
+    reference.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in half.state_dict().items() if k in own}
+    )
+
+
+def _check_config(model: HfClipModel, cfg: dict) -> None:
+    vision, text, config = cfg["vision_cfg"], cfg["text_cfg"], model.config
+    assert config.projection_dim == cfg["embed_dim"]
+    assert config.vision_config.image_size == vision["image_size"]
+    assert config.vision_config.hidden_size == vision["width"]
+    if isinstance(vision["layers"], list):
+        assert config.vision_config.vision_type == "resnet"
+        assert config.vision_config.resnet_layers == vision["layers"]
+        assert config.vision_config.num_attention_heads == vision["width"] * 32 // 64
+    else:
+        assert config.vision_config.vision_type == "vit"
+        assert config.vision_config.patch_size == vision["patch_size"]
+        assert config.vision_config.num_hidden_layers == vision["layers"]
+    assert config.text_config.hidden_size == text["width"]
+    assert config.text_config.num_attention_heads == text["heads"]
+    assert config.text_config.num_hidden_layers == text["layers"]
+    assert config.text_config.vocab_size == VOCAB and config.text_config.eos_token_id == VOCAB - 1
+    assert config.text_config.hidden_act == config.vision_config.hidden_act == "quick_gelu"
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_openai_and_open_clip_checkpoints(tmp_path, name):
+    cfg = _shrunk_config(name)
+    reference = _reference(cfg)
+    _save_torchscript(reference, tmp_path / "openai.pt", cfg)
+    state_dict = reference.state_dict()
+    # open_clip training checkpoints wrap the weights and, after DDP, prefix them with "module."
+    torch.save(
+        {"epoch": 1, "state_dict": {f"module.{k}": v for k, v in state_dict.items()}}, tmp_path / "oc.pt"
+    )
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp_path / "oc.safetensors")
+    expected = _Expected(reference, cfg["vision_cfg"]["image_size"])
+    for source in ("openai.pt", "oc.pt", "oc.safetensors"):
+        out = convert_checkpoint(tmp_path / source, tmp_path / f"hf-{source}", processor=False)
+        assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+        model = HfClipModel.from_pretrained(out).eval()
+        _check_config(model, cfg)
+        expected.check(model, feature_api=source == "openai.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_full_size_open_clip_checkpoints(tmp_path, name):
+    torch.manual_seed(0)
+    reference = _randomize(open_clip.create_model(name, pretrained=None))
+    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "model.safetensors")
+    out = convert_checkpoint(tmp_path / "model.safetensors", tmp_path / "out")
+    model = HfClipModel.from_pretrained(out).eval()
+    assert model.config.vision_config.image_size == size
+    _assert_parity(reference, model, size, vocab=49408)
+
+
+def test_activation_option_and_cli(tmp_path):
+    cfg = _shrunk_config("ViT-B-32-quickgelu")
+    reference = _reference(cfg, quick_gelu=False)  # an open_clip model trained with exact GELU
+    torch.save(reference.state_dict(), tmp_path / "gelu.pt")
+    parser = argparse.ArgumentParser()
+    add_convert_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        ["convert", str(tmp_path / "gelu.pt"), str(tmp_path / "out"), "--gelu", "--no-processor"]
+    )
+    assert args.func(args) == 0
+    model = HfClipModel.from_pretrained(tmp_path / "out").eval()
+    assert model.config.text_config.hidden_act == model.config.vision_config.hidden_act == "gelu"
+    _assert_parity(reference, model, cfg["vision_cfg"]["image_size"])
+    with pytest.raises(FileExistsError, match="not empty"):
+        args.func(args)
+    args.overwrite = True
+    assert args.func(args) == 0
+
+
+def _tiny_clip_config(heads: int = 2, eos_token_id: int = VOCAB - 1) -> CLIPConfig:
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=heads,
+            hidden_act="gelu",
+            bos_token_id=VOCAB - 2,
+            eos_token_id=eos_token_id,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=heads * 2 if heads > 1 else 1,
+            image_size=48,
+            patch_size=16,
+            hidden_act="quick_gelu",
+        ),
+        projection_dim=32,
+    )
+
+
+def _transformers_reference(config: CLIPConfig) -> CLIPModel:
+    torch.manual_seed(0)
+    model = CLIPModel(config)
+    model.logit_scale = nn.Parameter(torch.tensor(2.9))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.2)
+    return model.eval()
+
+
+def _assert_transformers_parity(reference: CLIPModel, model: HfClipModel) -> None:
+    images, texts = _images(48), _texts()
+    with torch.no_grad():
+        expected = reference(input_ids=texts, pixel_values=images)
+        actual = model(input_ids=texts, pixel_values=images)
+        _assert_close(
+            model.get_image_features(images), reference.get_image_features(images).pooler_output, "image"
+        )
+        _assert_close(
+            model.get_text_features(texts), reference.get_text_features(texts).pooler_output, "text"
+        )
+    _assert_close(actual.logits_per_image, expected.logits_per_image, "logits")
+    _assert_close(actual.text_embeds, expected.text_embeds, "text embeds")
+
+
+@pytest.mark.parametrize("eos_token_id", [VOCAB - 1, 2], ids=["eos", "legacy-eos-2"])
+def test_transformers_round_trip(tmp_path, eos_token_id):
+    reference = _transformers_reference(_tiny_clip_config(eos_token_id=eos_token_id))
+    reference.save_pretrained(tmp_path / "transformers")
+    hf_dir = convert_checkpoint(tmp_path / "transformers", tmp_path / "hf_clip", processor=False)
+    model = HfClipModel.from_pretrained(hf_dir).eval()
+    assert (
+        model.config.text_config.num_attention_heads == 2
+        and model.config.vision_config.num_attention_heads == 4
+    )
+    assert (model.config.text_config.hidden_act, model.config.vision_config.hidden_act) == (
+        "gelu",
+        "quick_gelu",
+    )
+    _assert_transformers_parity(reference, model)
+
+    back = convert_checkpoint(hf_dir, tmp_path / "back", to="transformers", processor=False)
+    restored = CLIPModel.from_pretrained(back).eval()
+    original = reference.state_dict()
+    assert sorted(restored.state_dict()) == sorted(original)
+    for key, value in restored.state_dict().items():
+        assert torch.equal(value, original[key]), key
+    with torch.no_grad():
+        images, texts = _images(48), _texts()
+        torch.testing.assert_close(
+            restored(input_ids=texts, pixel_values=images).logits_per_image,
+            model(input_ids=texts, pixel_values=images).logits_per_image,
+            rtol=REL_TOL,
+            atol=0,
+        )
+
+
+def test_bare_transformers_weights_file(tmp_path):
+    # Without config.json, heads (width / 64) and activation (QuickGELU) follow CLIP's conventions.
+    config = _tiny_clip_config(heads=1)
+    config.text_config.hidden_act = "quick_gelu"
+    reference = _transformers_reference(config)
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "clip.safetensors")
+    model = HfClipModel.from_pretrained(
+        convert_checkpoint(tmp_path / "clip.safetensors", tmp_path / "out", processor=False)
+    )
+    _assert_transformers_parity(reference, model.eval())
+
+
+def test_open_clip_to_transformers_with_processor(tmp_path):
+    """OpenAI layout straight to a transformers directory whose tokenizer matches open_clip's."""
+    cfg = _shrunk_config("ViT-B-16-quickgelu")
+    cfg["text_cfg"]["vocab_size"] = 49408  # the real vocabulary, so the BPE processor applies
+    reference = _reference(cfg)
+    torch.save(reference.state_dict(), tmp_path / "model.pt")
+    out = convert_checkpoint(tmp_path / "model.pt", tmp_path / "out", to="transformers")
+    model = CLIPModel.from_pretrained(out).eval()
+    size = cfg["vision_cfg"]["image_size"]
+    images, texts = _images(size), _texts(vocab=49408)
+    with torch.no_grad():
+        expected = reference.encode_image(images), reference.encode_text(texts)
+        actual = model.get_image_features(images).pooler_output, model.get_text_features(texts).pooler_output
+    _assert_close(actual[0], expected[0], "image features")
+    _assert_close(actual[1], expected[1], "text features")
+
+    processor = CLIPProcessor.from_pretrained(out)
+    # transformers' tokenizer skips OpenAI's ftfy / HTML clean-up, so the captions here need none.
+    captions = CAPTIONS[:2] + ["naïve café, 42 km"]
+    ids = processor.tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    reference_ids = open_clip.get_tokenizer("ViT-B-16")(captions)
+    for row, ref_row in zip(ids, reference_ids):
+        end = int((ref_row == 49407).nonzero()[0]) + 1
+        assert row[:end].tolist() == ref_row[:end].tolist()
+    assert processor.image_processor.crop_size == {"height": size, "width": size}
+    pixels = processor(
+        images=[torch.zeros(3, 100, 80, dtype=torch.uint8).numpy().transpose(1, 2, 0)], return_tensors="pt"
+    )
+    assert pixels.pixel_values.shape == (1, 3, size, size)
+
+
+def _photo(width: int = 120, height: int = 90) -> Image.Image:
+    grid = torch.arange(width * height * 3, dtype=torch.int64).reshape(height, width, 3)
+    return Image.fromarray(((grid * 37) % 251).to(torch.uint8).numpy())
+
+
+def test_converted_directory_is_complete(tmp_path):
+    """OpenAI archive -> hf_clip directory whose processor reproduces open_clip's preprocessing end to end."""
+    cfg = _shrunk_config("RN50x4-quickgelu")
+    cfg["text_cfg"]["vocab_size"] = 49408  # the real vocabulary, so the BPE processor applies
+    reference = _reference(cfg)
+    _save_torchscript(reference, tmp_path / "RN50x4.pt", cfg)
+    out = convert_checkpoint(tmp_path / "RN50x4.pt", tmp_path / "out")
+    model = HfClipModel.from_pretrained(out).eval()
+    processor = HfClipProcessor(
+        image_processor=HfClipImageProcessor.from_pretrained(out),
+        tokenizer=HfClipTokenizer.from_pretrained(out),
+    )
+    size = cfg["vision_cfg"]["image_size"]
+    inputs = processor(
+        text=CAPTIONS,
+        images=[_photo()] * 3,
+        padding="max_length",
+        max_length=77,
+        truncation=True,
+        return_tensors="pt",
+    )
+    reference_ids = open_clip.get_tokenizer("RN50x4")(CAPTIONS)
+    assert torch.equal(inputs.input_ids, reference_ids)
+    reference_pixels = (
+        open_clip.image_transform(size, is_train=False)(_photo()).unsqueeze(0).expand(3, -1, -1, -1)
+    )
+    assert torch.equal(inputs.pixel_values, reference_pixels)
+    with torch.no_grad():
+        out_hf = model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values)
+        image, text = reference.encode_image(reference_pixels), reference.encode_text(reference_ids)
+    expected = reference.logit_scale.exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).t()
+    _assert_close(out_hf.logits_per_image, expected, "logits")
+
+
+def test_resnet_cannot_become_transformers(tmp_path):
+    torch.save(_reference(_shrunk_config("RN50-quickgelu")).state_dict(), tmp_path / "rn.pt")
+    with pytest.raises(ConversionError, match="no ResNet image tower"):
+        convert_checkpoint(tmp_path / "rn.pt", tmp_path / "out", to="transformers", processor=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_resnet_without_batch_counters(tmp_path):
+    # Some exports drop BatchNorm's num_batches_tracked; it is unused in eval mode and restored as 0.
+    cfg = _shrunk_config("RN50-quickgelu")
+    reference = _reference(cfg)
+    state_dict = {k: v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state_dict, tmp_path / "rn.pt")
+    model = HfClipModel.from_pretrained(
+        convert_checkpoint(tmp_path / "rn.pt", tmp_path / "out", processor=False)
+    )
+    assert int(model.vision_model.bn1.num_batches_tracked) == 0
+    _assert_parity(reference, model.eval(), cfg["vision_cfg"]["image_size"])
+
+
+@pytest.fixture(scope="module")
+def vit_state_dict():
+    return _reference(_shrunk_config("ViT-B-32-quickgelu")).state_dict()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda sd: sd.pop("transformer.resblocks.1.ln_2.bias"),
+            r"missing tensors: transformer\.resblocks\.1\.ln_2\.bias",
+        ),
+        (lambda sd: sd.update(extra_head=torch.zeros(3)), "unexpected tensors: extra_head"),
+        (
+            lambda sd: sd.update({"transformer.resblocks.1.mlp.c_fc.weight": torch.zeros(7, 64)}),
+            r"text_model\.encoder\.layers\.1\.mlp\.fc1\.weight \(7, 64\) != \(256, 64\)",
+        ),
+        (lambda sd: sd.update({"visual.positional_embedding": torch.zeros(6, 96)}), "not a square grid"),
+        (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("visual.")], "neither a ViT"),
+    ],
+    ids=["missing", "unexpected", "mis-shaped", "bad-grid", "no-image-tower"],
+)
+def test_bad_checkpoints_name_the_problem(tmp_path, vit_state_dict, edit, message):
+    state_dict = dict(vit_state_dict)
+    edit(state_dict)
+    torch.save(state_dict, tmp_path / "bad.pt")
+    with pytest.raises(ConversionError, match=message):
+        convert_checkpoint(tmp_path / "bad.pt", tmp_path / "out", processor=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_inputs(tmp_path, vit_state_dict):
+    torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ConversionError, match="Unrecognised checkpoint layout"):
+        convert_checkpoint(tmp_path / "other.pt", tmp_path / "out")
+    torch.save(vit_state_dict, tmp_path / "small_vocab.pt")
+    with pytest.raises(ValueError, match="processor=False"):
+        convert_checkpoint(tmp_path / "small_vocab.pt", tmp_path / "out")
+    hf_dir = convert_checkpoint(tmp_path / "small_vocab.pt", tmp_path / "hf", processor=False)
+    shutil.copy(hf_dir / "model.safetensors", tmp_path / "hf_clip.safetensors")
+    with pytest.raises(ConversionError, match="pass its model directory"):
+        convert_checkpoint(tmp_path / "hf_clip.safetensors", tmp_path / "out")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ConversionError, match="'bert' model"):
+        convert_checkpoint(tmp_path / "bert", tmp_path / "out")
+    with pytest.raises(ValueError, match="to='onnx'"):
+        convert_checkpoint(tmp_path / "small_vocab.pt", tmp_path / "out", to="onnx")
