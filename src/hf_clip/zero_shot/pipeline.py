@@ -1,0 +1,174 @@
+"""A zero-shot image classification pipeline with prompt ensembling and cached class embeddings.
+
+transformers' own "zero-shot-image-classification" pipeline runs the text tower on every call, with one
+template. This subclass builds a `ZeroShotClassifier` per (labels, templates) pair, keeps the most recent
+ones, and so encodes the prompts once however many images follow. `hypothesis_template` may be one template,
+a list of templates (ensembled as in the paper), or a shipped template-set name such as "imagenet";
+`candidate_labels` may be a shipped dataset name such as "cifar10".
+
+    from transformers import pipeline
+    import hf_clip  # registers the task
+
+    classify = pipeline(ZERO_SHOT_TASK, model="path/to/hf_clip-model")
+    classify(images, candidate_labels=["cat", "dog"], hypothesis_template="imagenet")
+"""
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import AutoModelForZeroShotImageClassification
+from transformers.image_utils import load_image
+from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
+
+from ._encode import check_model
+from .classifier import ClassName, ZeroShotClassifier, resolve_classnames, resolve_templates
+
+ZERO_SHOT_TASK = "hf-clip-zero-shot-image-classification"
+
+# (classes as tuples of synonyms, templates): the identity of a classifier.
+ClassifierKey = tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]
+
+
+class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipeline):
+    """Zero-shot image classification with prompt ensembles and class embeddings cached across calls.
+
+    Extra init arguments: `cache_size` (classifiers kept, least recently used dropped first) and
+    `prompt_batch_size` (prompts per text-tower batch). Call arguments: `candidate_labels`,
+    `hypothesis_template` (default "a photo of a {}."), `top_k`, `timeout`; `batch_size` batches images.
+    Scores are the softmax of exp(logit_scale) * cosine similarity, as in transformers' pipeline.
+    """
+
+    def __init__(self, *args: Any, cache_size: int = 8, prompt_batch_size: int = 256, **kwargs: Any) -> None:
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be at least 1, got {cache_size}.")
+        self.cache_size = cache_size
+        self.prompt_batch_size = prompt_batch_size
+        self._classifiers: OrderedDict[ClassifierKey, ZeroShotClassifier] = OrderedDict()
+        super().__init__(*args, **kwargs)
+
+    def __call__(
+        self, image: Any = None, candidate_labels: str | Sequence[ClassName] | None = None, **kwargs: Any
+    ) -> Any:
+        """Scores for one image (a list of {label, score}, best first) or for each image of a list."""
+        if candidate_labels is None:
+            raise ValueError(
+                "Pass candidate_labels: a list of class names, or a shipped dataset name such as 'cifar10'."
+            )
+        return super().__call__(image, candidate_labels=candidate_labels, **kwargs)
+
+    def check_model_type(self, supported_models: Any) -> None:
+        # Any CLIP-style model works; the parent would only log an error for models outside transformers' table.
+        check_model(self.model)
+
+    def _sanitize_parameters(
+        self,
+        candidate_labels: str | Sequence[ClassName] | None = None,
+        hypothesis_template: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+        top_k: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        preprocess_params: dict[str, Any] = {}
+        if candidate_labels is not None:
+            preprocess_params["candidate_labels"] = candidate_labels
+        if hypothesis_template is not None:
+            preprocess_params["hypothesis_template"] = hypothesis_template
+        if timeout is not None:
+            preprocess_params["timeout"] = timeout
+        if kwargs:
+            raise TypeError(
+                f"Unexpected argument(s) {', '.join(sorted(kwargs))}; this pipeline takes candidate_labels, "
+                "hypothesis_template, top_k, timeout (and batch_size, num_workers)."
+            )
+        postprocess_params = {"top_k": top_k} if top_k is not None else {}
+        return preprocess_params, {}, postprocess_params
+
+    # Classifier cache ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def classifier_key(
+        candidate_labels: str | Sequence[ClassName], hypothesis_template: str | Sequence[str] | None = None
+    ) -> ClassifierKey:
+        classes = resolve_classnames(candidate_labels)
+        return tuple(tuple(c) for c in classes), tuple(resolve_templates(hypothesis_template))
+
+    def get_classifier(
+        self,
+        candidate_labels: str | Sequence[ClassName],
+        hypothesis_template: str | Sequence[str] | None = None,
+    ) -> ZeroShotClassifier:
+        """The cached classifier for these labels and templates, encoding the prompts on a miss."""
+        return self._classifier_for(self.classifier_key(candidate_labels, hypothesis_template))
+
+    def _classifier_for(self, key: ClassifierKey) -> ZeroShotClassifier:
+        if key in self._classifiers:
+            self._classifiers.move_to_end(key)
+            return self._classifiers[key]
+        classes, templates = key
+        classifier = ZeroShotClassifier.from_model(
+            self.model,
+            self.tokenizer,
+            [list(c) for c in classes],
+            list(templates),
+            batch_size=self.prompt_batch_size,
+            progress=False,
+        )
+        self._classifiers[key] = classifier
+        while len(self._classifiers) > self.cache_size:
+            self._classifiers.popitem(last=False)
+        return classifier
+
+    def clear_cache(self) -> None:
+        """Forget cached class embeddings, e.g. after the model's weights changed."""
+        self._classifiers.clear()
+
+    # Pipeline steps -----------------------------------------------------------------------------------------
+
+    def preprocess(
+        self,
+        image: Any,
+        candidate_labels: str | Sequence[ClassName] | None = None,
+        hypothesis_template: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        if candidate_labels is None:
+            raise ValueError("candidate_labels is missing.")
+        key = self.classifier_key(candidate_labels, hypothesis_template)
+        image = load_image(image, timeout=timeout)
+        pixel_values = self.image_processor(images=[image], return_tensors="pt")["pixel_values"].to(
+            self.dtype
+        )
+        return {"pixel_values": pixel_values, "classifier_key": key}
+
+    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
+        key = model_inputs["classifier_key"]
+        if isinstance(key, list):  # batched by the pipeline's collate: one key per image, all equal
+            key = key[0]
+        logits = self._classifier_for(key)(model_inputs["pixel_values"])
+        # One key per row so the pipeline's un-batching hands each image its own.
+        return {"logits": logits, "classifier_key": [key] * logits.shape[0]}
+
+    def postprocess(self, model_outputs: dict[str, Any], top_k: int | None = None) -> list[dict[str, Any]]:
+        key = model_outputs["classifier_key"]
+        if isinstance(key, list):
+            key = key[0]
+        labels = [synonyms[0] for synonyms in key[0]]
+        probs = model_outputs["logits"][0].float().softmax(dim=-1)
+        k = len(labels) if top_k is None else max(1, min(top_k, len(labels)))
+        scores, indices = probs.topk(k)
+        return [{"score": s, "label": labels[i]} for s, i in zip(scores.tolist(), indices.tolist())]
+
+
+def register_pipelines() -> None:
+    """Make `pipeline(ZERO_SHOT_TASK, model=...)` build `HfClipZeroShotImageClassificationPipeline`."""
+    registered = PIPELINE_REGISTRY.supported_tasks.get(ZERO_SHOT_TASK, {})
+    if registered.get("impl") is HfClipZeroShotImageClassificationPipeline:
+        return
+    PIPELINE_REGISTRY.register_pipeline(
+        ZERO_SHOT_TASK,
+        pipeline_class=HfClipZeroShotImageClassificationPipeline,
+        pt_model=AutoModelForZeroShotImageClassification,
+        type="multimodal",
+    )

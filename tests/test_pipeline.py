@@ -1,0 +1,260 @@
+"""Zero-shot pipelines on a tiny HfClipModel saved with its tokenizer and image processor.
+
+Covers transformers' own "zero-shot-image-classification" pipeline (loaded from the folder through the Auto
+classes) and hf_clip's cached, prompt-ensembling pipeline registered under its own task name.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import pipeline
+
+from hf_clip import HfClipConfig, HfClipModel
+from hf_clip.image_processing_hf_clip import HfClipImageProcessor
+from hf_clip.processing_hf_clip import HfClipProcessor
+from hf_clip.tokenization_hf_clip import HfClipTokenizer
+from hf_clip.zero_shot import (
+    ZERO_SHOT_TASK,
+    EmbeddingIndex,
+    HfClipZeroShotImageClassificationPipeline,
+    ZeroShotClassifier,
+    get_classnames,
+    get_templates,
+    register_pipelines,
+)
+
+open_clip = pytest.importorskip("open_clip")
+
+IMAGE_SIZE = 32
+LABELS = ["cat", "dog", "red sports car"]
+# Over 77 tokens once templated: must be truncated by the tokenizer, not crash the 77-position text tower.
+LONG_LABEL = " ".join(f"word{i}" for i in range(120))
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = HfClipConfig(
+        projection_dim=32,
+        text_config=dict(hidden_size=64, num_hidden_layers=2),
+        vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=64, num_hidden_layers=2),
+    )
+    model = HfClipModel(config).eval()
+    with torch.no_grad():  # a non-default temperature, so a missing exp() or scale would show
+        model.logit_scale.fill_(3.0)
+    tokenizer = HfClipTokenizer.from_openai_bpe()
+    processor = HfClipProcessor(HfClipImageProcessor.for_image_size(IMAGE_SIZE), tokenizer)
+    path = tmp_path_factory.mktemp("tiny_hf_clip")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def parts(clip_dir):
+    model = HfClipModel.from_pretrained(clip_dir).eval()
+    return model, HfClipProcessor.from_pretrained(clip_dir)
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)) for i in range(3)]
+
+
+def _model_softmax(model, processor, image, prompts):
+    """The reference: the model's own forward, softmax over logits_per_image."""
+    text = processor.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=77)
+    pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        return model(**text, pixel_values=pixels).logits_per_image.softmax(dim=-1)[0]
+
+
+def _as_dict(result):
+    return {entry["label"]: entry["score"] for entry in result}
+
+
+# --- transformers' own pipeline ----------------------------------------------------------------------------
+
+
+def test_stock_pipeline_scores_equal_model_softmax(clip_dir, parts, images):
+    model, processor = parts
+    classify = pipeline("zero-shot-image-classification", model=str(clip_dir))
+    assert isinstance(classify.model, HfClipModel)
+    result = classify(images[0], candidate_labels=LABELS)
+    assert [entry["score"] for entry in result] == sorted((entry["score"] for entry in result), reverse=True)
+    expected = _model_softmax(
+        model, processor, images[0], [f"This is a photo of {label}." for label in LABELS]
+    )
+    got = _as_dict(result)
+    for label, score in zip(LABELS, expected.tolist()):
+        assert got[label] == pytest.approx(score, abs=1e-5)
+
+
+def test_stock_pipeline_truncates_long_labels(clip_dir, parts, images):
+    model, processor = parts
+    classify = pipeline("zero-shot-image-classification", model=str(clip_dir))
+    result = _as_dict(classify(images[0], candidate_labels=[LONG_LABEL, "cat"]))
+    expected = _model_softmax(
+        model, processor, images[0], [f"This is a photo of {x}." for x in (LONG_LABEL, "cat")]
+    )
+    assert result[LONG_LABEL] == pytest.approx(expected[0].item(), abs=1e-5)
+
+
+# --- hf_clip's pipeline ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_pipe(clip_dir):
+    register_pipelines()
+    register_pipelines()  # idempotent
+    return pipeline(ZERO_SHOT_TASK, model=str(clip_dir))
+
+
+class _TextTowerCalls:
+    """Counts forward calls of the text tower with a hook, so the test sees what the model really ran."""
+
+    def __init__(self, model):
+        self.count = 0
+        self._handle = model.text_model.register_forward_hook(self._hook)
+
+    def _hook(self, *args):
+        self.count += 1
+
+    def close(self):
+        self._handle.remove()
+
+
+def test_registered_task_builds_the_pipeline(hf_pipe):
+    assert isinstance(hf_pipe, HfClipZeroShotImageClassificationPipeline)
+    assert isinstance(hf_pipe.model, HfClipModel)
+
+
+def test_single_template_scores_equal_model_softmax(hf_pipe, parts, images):
+    model, processor = parts
+    result = _as_dict(hf_pipe(images[1], candidate_labels=LABELS, hypothesis_template="a photo of a {}."))
+    expected = _model_softmax(model, processor, images[1], [f"a photo of a {label}." for label in LABELS])
+    for label, score in zip(LABELS, expected.tolist()):
+        assert result[label] == pytest.approx(score, abs=1e-5)
+
+
+def test_ensemble_scores_equal_classifier(hf_pipe, parts, images):
+    model, processor = parts
+    templates = get_templates("imagenet")
+    classifier = ZeroShotClassifier.from_model(model, processor, LABELS, templates, progress=False)
+    pixels = processor.image_processor(images=[images[0]], return_tensors="pt")["pixel_values"]
+    expected = classifier(pixels).softmax(dim=-1)[0]
+    for spelling in ("imagenet", templates, [t.replace("{}", "{label}") for t in templates]):
+        result = _as_dict(hf_pipe(images[0], candidate_labels=LABELS, hypothesis_template=spelling))
+        for label, score in zip(LABELS, expected.tolist()):
+            assert result[label] == pytest.approx(score, abs=1e-5)
+
+
+def test_class_embeddings_are_cached_across_calls(hf_pipe, images):
+    hf_pipe.clear_cache()
+    calls = _TextTowerCalls(hf_pipe.model)
+    try:
+        first = hf_pipe(
+            images[0], candidate_labels=LABELS, hypothesis_template=["a photo of a {}.", "art of the {}."]
+        )
+        assert calls.count == 1  # 6 prompts, one text-tower batch
+        second = hf_pipe(
+            images[1], candidate_labels=LABELS, hypothesis_template=["a photo of a {}.", "art of the {}."]
+        )
+        batched = hf_pipe(
+            images,
+            candidate_labels=LABELS,
+            hypothesis_template=["a photo of a {}.", "art of the {}."],
+            batch_size=2,
+        )
+        assert calls.count == 1
+        hf_pipe(images[0], candidate_labels=LABELS, hypothesis_template="a photo of a {}.")  # new templates
+        assert calls.count == 2
+        hf_pipe(images[0], candidate_labels=LABELS[:2], hypothesis_template="a photo of a {}.")  # new labels
+        assert calls.count == 3
+    finally:
+        calls.close()
+    assert _as_dict(batched[0]) == pytest.approx(_as_dict(first))
+    assert _as_dict(batched[1]) == pytest.approx(_as_dict(second))
+    assert len(batched) == 3
+
+
+def test_cache_is_bounded(clip_dir, images):
+    register_pipelines()
+    small = pipeline(ZERO_SHOT_TASK, model=str(clip_dir), cache_size=2)
+    for labels in (["a", "b"], ["c", "d"], ["e", "f"]):
+        small(images[0], candidate_labels=labels)
+    assert len(small._classifiers) == 2
+    assert small.classifier_key(["a", "b"]) not in small._classifiers
+
+
+def test_long_labels_truncate_in_hf_pipeline(hf_pipe, parts, images):
+    model, processor = parts
+    result = _as_dict(
+        hf_pipe(images[0], candidate_labels=[LONG_LABEL, "cat"], hypothesis_template="a photo of a {}.")
+    )
+    expected = _model_softmax(
+        model, processor, images[0], [f"a photo of a {x}." for x in (LONG_LABEL, "cat")]
+    )
+    assert result[LONG_LABEL] == pytest.approx(expected[0].item(), abs=1e-5)
+
+
+def test_shipped_labels_top_k_and_errors(hf_pipe, images):
+    result = hf_pipe(images[0], candidate_labels="cifar10", top_k=3)
+    assert len(result) == 3 and {entry["label"] for entry in result} <= set(get_classnames("cifar10"))
+    with pytest.raises(ValueError, match="Pass candidate_labels"):
+        hf_pipe(images[0])
+    with pytest.raises(TypeError, match="Unexpected argument.*hypothesis_templates"):
+        hf_pipe(images[0], candidate_labels=LABELS, hypothesis_templates="a photo of a {}.")
+    with pytest.raises(ValueError, match=r"\[''\] tokenise to nothing"):
+        hf_pipe(images[0], candidate_labels=["cat", ""])
+
+
+def test_classifier_accepts_transformers_clip_model(parts, images):
+    """transformers' CLIPModel returns output objects from get_*_features in v5; the classifier reads either."""
+    from transformers import CLIPConfig, CLIPModel
+
+    _, processor = parts
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    model = CLIPModel(config).eval()
+    classifier = ZeroShotClassifier.from_model(model, processor, LABELS, "a photo of a {}.", progress=False)
+    pixels = processor.image_processor(images=images[:2], return_tensors="pt")["pixel_values"]
+    text = processor.tokenizer(
+        [f"a photo of a {label}." for label in LABELS], return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        expected = model(**text, pixel_values=pixels).logits_per_image
+    torch.testing.assert_close(classifier(pixels), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_embedding_index_with_real_processor(parts, images, tmp_path):
+    model, processor = parts
+    index = EmbeddingIndex(model, processor, batch_size=2).add_images(images, ids=["a.jpg", "b.jpg", "c.jpg"])
+    index.add_texts(LABELS)
+    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    text = processor.tokenizer(["a photo of a cat"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        image_embeds = torch.nn.functional.normalize(model.get_image_features(pixels), dim=-1)
+        query = torch.nn.functional.normalize(model.get_text_features(**text), dim=-1)[0]
+    expected = (image_embeds @ query).topk(2)
+    found = index.search_images("a photo of a cat", k=2)
+    assert found.ids == [["a.jpg", "b.jpg", "c.jpg"][i] for i in expected.indices.tolist()]
+    torch.testing.assert_close(found.scores, expected.values, rtol=1e-5, atol=1e-5)
+    best_texts = index.search_texts(images[0], k=1)
+    assert best_texts.ids[0] in LABELS and best_texts.scores.shape == (1,)
+    index.save(tmp_path / "index")
+    reloaded = EmbeddingIndex.load(tmp_path / "index", model=model, processor=processor)
+    assert reloaded.search_images("a photo of a cat", k=2).ids == found.ids
