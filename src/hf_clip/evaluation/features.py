@@ -1,0 +1,321 @@
+"""Batched, cached image and text feature extraction for the evaluations.
+
+Every evaluation reduces to "embed the dataset once, then do cheap math on the features"; the linear-probe
+sweep and repeated zero-shot runs reuse the same features, so they are cached on disk (safetensors) under a
+key that changes whenever the model weights, the data, the split, the column or the preprocessing change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from PIL import Image as PILImage
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FEATURES = ("projected", "pooled")
+
+_DTYPES = {
+    None: None,
+    "fp32": None,
+    "float32": None,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def resolve_autocast_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Map ``None``/"fp32"/"bf16"/"fp16" (or a torch dtype) to the autocast dtype (None: full precision)."""
+    if isinstance(dtype, torch.dtype):
+        return None if dtype == torch.float32 else dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"Unsupported dtype {dtype!r}; use one of fp32, bf16, fp16.")
+    return _DTYPES[dtype]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _as_embeddings(output: Any) -> torch.Tensor:
+    """Accept both a bare tensor and a model output carrying the embeddings (``pooler_output``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for name in ("image_embeds", "text_embeds", "pooler_output"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"Expected embeddings from get_*_features, got {type(output).__name__}.")
+
+
+def _context_length(model: torch.nn.Module, tokenizer: Any) -> int:
+    """The text tower's position-table size (77 for CLIP), else the tokenizer's limit."""
+    text_config = getattr(getattr(model, "config", None), "text_config", None)
+    length = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(length, int) and length > 0:
+        return length
+    length = getattr(tokenizer, "model_max_length", None)
+    return length if isinstance(length, int) and 0 < length < 100_000 else 77
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_fingerprint(model: torch.nn.Module) -> str | None:
+    """Identify a model by its directory and the size/mtime of its weight files; None if it has no directory.
+
+    A model without a ``name_or_path`` (built in memory) cannot be told apart from another one, so its
+    features are never cached.
+    """
+    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not name:
+        return None
+    path = Path(name)
+    if not path.is_dir():
+        return str(name)  # a Hub id: the cache key is the id (revision pinned by the local HF cache)
+    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
+    return json.dumps([str(path.resolve()), stats])
+
+
+def _cache_file(cache_dir: str | os.PathLike | None, kind: str, key_parts: dict[str, Any]) -> Path | None:
+    if cache_dir is None:
+        return None
+    if key_parts.get("model") is None:
+        logger.warning(
+            "Feature cache disabled: the model has no directory (name_or_path) to key the cache on."
+        )
+        return None
+    digest = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return Path(cache_dir) / f"{kind}-features-{digest}.safetensors"
+
+
+def _load_cached(path: Path | None, expected_rows: int) -> torch.Tensor | None:
+    if path is None or not path.is_file():
+        return None
+    features = load_file(str(path))["features"]
+    if features.shape[0] != expected_rows:
+        logger.warning(
+            "Ignoring feature cache %s: %d rows, expected %d.", path, features.shape[0], expected_rows
+        )
+        return None
+    logger.info("Loaded cached features from %s", path)
+    return features
+
+
+def _save_cached(path: Path | None, features: torch.Tensor, metadata: dict[str, str]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"features": features.contiguous()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _to_rgb(image: Any) -> PILImage.Image:
+    if isinstance(image, PILImage.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        with PILImage.open(image) as opened:
+            return opened.convert("RGB")
+    if isinstance(image, dict) and (image.get("bytes") or image.get("path")):
+        source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+        with PILImage.open(source) as opened:
+            return opened.convert("RGB")
+    raise TypeError(f"Cannot read an image from a {type(image).__name__}; expected a PIL image or a path.")
+
+
+class _ImageColumn(torch.utils.data.Dataset):
+    """One image column of a datasets.Dataset as a map-style torch dataset of RGB PIL images."""
+
+    def __init__(self, dataset: Dataset, column: str):
+        self.dataset = dataset.select_columns([column])
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> PILImage.Image:
+        return _to_rgb(self.dataset[int(index)][self.column])
+
+    def __getitems__(self, indices: list[int]) -> list[PILImage.Image]:
+        # One Arrow slice per batch instead of one row lookup per image.
+        return [_to_rgb(image) for image in self.dataset[list(indices)][self.column]]
+
+
+class _PreprocessCollate:
+    """Runs the image processor on a batch inside the DataLoader worker (picklable, unlike a lambda)."""
+
+    def __init__(self, image_processor: Any):
+        self.image_processor = image_processor
+
+    def __call__(self, images: list[PILImage.Image]) -> torch.Tensor:
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+@torch.inference_mode()
+def extract_image_features(
+    model: torch.nn.Module,
+    image_processor: Any,
+    dataset: Dataset,
+    image_column: str = "image",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    feature: str = "projected",
+) -> torch.Tensor:
+    """Embed every image of ``dataset[image_column]`` with ``model.get_image_features``.
+
+    Returns raw (not L2-normalised) features, float32 on CPU, shape [N, D], in dataset order:
+    ``feature="projected"`` gives the joint-space embeddings (zero-shot, retrieval); ``feature="pooled"``
+    gives the image tower's pooled output before the projection, the representation the paper's linear
+    probes use for CLIP-ViT (for the ResNets the attention pool already ends in the joint space). Decoding and preprocessing run in ``num_workers`` DataLoader workers; ``dtype="bf16"``
+    runs the model under autocast. With ``cache_dir`` the result is stored as safetensors and reused when
+    the model directory, dataset fingerprint, split, column and preprocessing are unchanged.
+    """
+    if len(dataset) == 0:
+        raise ValueError("Cannot extract features from an empty dataset.")
+    if image_column not in dataset.column_names:
+        raise ValueError(
+            f"Image column {image_column!r} not found; available columns: {', '.join(dataset.column_names)}."
+        )
+    if feature not in IMAGE_FEATURES:
+        raise ValueError(f"feature must be one of {', '.join(IMAGE_FEATURES)}, got {feature!r}.")
+    # A full processor works too: use the image processor inside it.
+    image_processor = getattr(image_processor, "image_processor", None) or image_processor
+    autocast_dtype = resolve_autocast_dtype(dtype)
+    device = torch.device(device) if device is not None else _model_device(model)
+    processor_config = (
+        image_processor.to_dict() if hasattr(image_processor, "to_dict") else repr(image_processor)
+    )
+    key = {
+        "model": model_fingerprint(model),
+        "dataset": dataset._fingerprint,
+        "split": str(dataset.split),
+        "column": image_column,
+        "feature": feature,
+        "rows": len(dataset),
+        "processor": processor_config,
+        "dtype": str(autocast_dtype),
+    }
+    cache_file = _cache_file(cache_dir, "image", key)
+    cached = _load_cached(cache_file, len(dataset))
+    if cached is not None:
+        return cached
+
+    model.eval()
+    if _model_device(model) != device:
+        model.to(device)
+    loader = DataLoader(
+        _ImageColumn(dataset, image_column),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_PreprocessCollate(image_processor),
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    chunks = []
+    for pixel_values in tqdm(loader, desc="Image features", unit="batch", disable=not progress):
+        pixel_values = pixel_values.to(device, non_blocking=True)
+        with _autocast(device, autocast_dtype):
+            if feature == "pooled":
+                embeds = model.vision_model(pixel_values).pooler_output
+            else:
+                embeds = model.get_image_features(pixel_values=pixel_values)
+        chunks.append(_as_embeddings(embeds).float().cpu())
+    features = torch.cat(chunks)
+    metadata = {"kind": "image", "feature": feature, "column": image_column, "split": str(dataset.split)}
+    _save_cached(cache_file, features, metadata)
+    return features
+
+
+@torch.inference_mode()
+def extract_text_features(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    batch_size: int = 256,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Embed ``texts`` with ``model.get_text_features``: raw projected embeddings, float32 on CPU, [N, D].
+
+    ``tokenizer`` may also be a processor holding one. Texts are tokenised per batch (padded to the longest, truncated to the context length). With
+    ``cache_dir`` the result is cached under a key of the model, the tokenizer and the texts themselves.
+    """
+    texts = list(texts)
+    if not texts:
+        raise ValueError("Cannot extract features from an empty list of texts.")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"Texts must be strings; item {bad[0]} is a {type(texts[bad[0]]).__name__}.")
+    tokenizer = getattr(tokenizer, "tokenizer", None) or tokenizer
+    autocast_dtype = resolve_autocast_dtype(dtype)
+    device = torch.device(device) if device is not None else _model_device(model)
+    max_length = _context_length(model, tokenizer)
+    texts_digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    key = {
+        "model": model_fingerprint(model),
+        "tokenizer": type(tokenizer).__name__,
+        "max_length": max_length,
+        "texts": texts_digest,
+        "rows": len(texts),
+        "dtype": str(autocast_dtype),
+    }
+    cache_file = _cache_file(cache_dir, "text", key)
+    cached = _load_cached(cache_file, len(texts))
+    if cached is not None:
+        return cached
+
+    model.eval()
+    if _model_device(model) != device:
+        model.to(device)
+    chunks = []
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc="Text features", unit="batch", disable=not progress):
+        batch = tokenizer(
+            texts[start : start + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        with _autocast(device, autocast_dtype):
+            embeds = model.get_text_features(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device) if "attention_mask" in batch else None,
+            )
+        chunks.append(_as_embeddings(embeds).float().cpu())
+    features = torch.cat(chunks)
+    _save_cached(cache_file, features, {"kind": "text"})
+    return features

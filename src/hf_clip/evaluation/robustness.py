@@ -1,0 +1,133 @@
+"""Robustness to natural distribution shift (paper section 3.3): one zero-shot classifier, several datasets.
+
+The classifier is built once from the in-distribution dataset's classes and applied unchanged to every
+shifted dataset sharing that label set (ImageNet -> ImageNetV2, -Sketch, -R, -A, ObjectNet). The table
+reports each dataset's accuracy and its gap to the in-distribution one. A shifted dataset that covers only
+a subset of the classes (ImageNet-R and -A: 200 of 1,000) is scored over that subset only, as in the paper.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, Value
+
+from .classification import classification_metrics, display_name, model_label
+from .features import extract_image_features
+from .loading import LabelInfo, align_labels, check_dataset, prepare_image_column, resolve_labels
+from .reporting import EvalResult
+from .zero_shot import build_classifier, classifier_logits, resolve_templates
+
+
+def _shifted_labels(dataset: Dataset, label_column: str, reference: LabelInfo) -> np.ndarray:
+    """Labels of a shifted dataset in the reference index space: by name when it names its classes,
+    by index (same order as the reference) when it holds plain integers."""
+    feature = dataset.features[label_column]
+    named = isinstance(feature, ClassLabel) or (
+        isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+    )
+    if named:
+        return align_labels(resolve_labels(dataset, label_column), reference)
+    return resolve_labels(dataset, label_column, reference.classnames).labels
+
+
+def evaluate_robustness(
+    model: torch.nn.Module,
+    processor: Any,
+    datasets: Mapping[str, Dataset],
+    *,
+    reference: str | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    classnames: Sequence[str] | None = None,
+    templates: str | Sequence[str] | None = None,
+    restrict_to_present_classes: bool = True,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    dtype: str | None = None,
+    device: str | torch.device | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    top_k: Sequence[int] = (1, 5),
+    model_name: str | None = None,
+) -> EvalResult:
+    """Zero-shot accuracy on each dataset of ``datasets`` (name -> Dataset) and the gap to ``reference``.
+
+    ``reference`` (default: the first entry) is the in-distribution dataset whose classes define the
+    classifier. Gaps are ``metric(shifted) - metric(reference)``: negative means accuracy lost.
+    """
+    if not datasets:
+        raise ValueError("Robustness evaluation needs at least one dataset.")
+    reference = reference or next(iter(datasets))
+    if reference not in datasets:
+        raise ValueError(f"Reference dataset {reference!r} is not among {', '.join(datasets)}.")
+    for name, ds in datasets.items():
+        check_dataset(ds, [image_column, label_column], name=name)
+    ref_info = resolve_labels(datasets[reference], label_column, classnames)
+    template_list = resolve_templates(templates)
+    classifier = build_classifier(model, processor, ref_info.classnames, template_list)
+
+    per_dataset: dict[str, dict[str, float]] = {}
+    per_class = None
+    counts: dict[str, int] = {}
+    ordered = [reference] + [n for n in datasets if n != reference]
+    for name in ordered:
+        ds = prepare_image_column(datasets[name], image_column)
+        labels = ref_info.labels if name == reference else _shifted_labels(ds, label_column, ref_info)
+        features = extract_image_features(
+            model,
+            processor.image_processor,
+            ds,
+            image_column,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            dtype=dtype,
+            device=device,
+            cache_dir=cache_dir,
+        )
+        logits = classifier_logits(classifier, features)
+        present = np.unique(labels)
+        if restrict_to_present_classes and name != reference and len(present) < ref_info.num_classes:
+            # Score only over the classes this dataset covers; labels move to the subset's index space.
+            logits = logits[:, torch.as_tensor(present)]
+            labels = np.searchsorted(present, labels)
+        metrics = classification_metrics(logits, labels, top_k=top_k)
+        recall = metrics.pop("per_class_recall")
+        if name == reference:
+            per_class = {display_name(c): r for c, r in zip(ref_info.classnames, recall)}
+        per_dataset[name] = {k: float(v) for k, v in metrics.items()}
+        counts[name] = int(len(labels))
+
+    base = per_dataset[reference]
+    for metrics in per_dataset.values():
+        for metric in list(base):
+            metrics[f"{metric}_gap"] = metrics[metric] - base[metric]
+    shifted = [n for n in ordered if n != reference]
+    summary = dict(base)
+    if shifted:
+        summary["mean_shifted_top1_accuracy"] = float(
+            np.mean([per_dataset[n]["top1_accuracy"] for n in shifted])
+        )
+        summary["mean_top1_accuracy_gap"] = summary["mean_shifted_top1_accuracy"] - base["top1_accuracy"]
+    return EvalResult(
+        task="robustness",
+        model=model_name or model_label(model),
+        dataset=reference,
+        metrics=summary,
+        config={
+            "reference": reference,
+            "shifted": shifted,
+            "num_examples": counts,
+            "num_classes": ref_info.num_classes,
+            "image_column": image_column,
+            "label_column": label_column,
+            "num_templates": len(template_list),
+            "restrict_to_present_classes": restrict_to_present_classes,
+            "dtype": dtype or "fp32",
+        },
+        per_class=per_class,
+        per_dataset=per_dataset,
+    )
