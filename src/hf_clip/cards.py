@@ -1,0 +1,382 @@
+"""Model cards for the paper's nine CLIP models, rendered from one template and per-model facts.
+
+The committed cards in `model_cards/` are the output of `render_card(name)` (a test keeps them equal), and
+`hf-clip card --model DIR --results ...` renders the same card with measured results added: a
+`model-index` entry per measured metric and the bias section written from the measured numbers.
+Published figures are always attributed to the paper; figures the project has not checked against the
+paper are labelled unverified and kept out of `model-index`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import string
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCardData
+
+from .configuration_hf_clip import HfClipConfig, resolve_preset_name
+
+PAPER_URL = "https://arxiv.org/abs/2103.00020"
+PAPER_SOURCE = "Radford et al. (2021), Learning Transferable Visual Models From Natural Language Supervision"
+TEMPLATE_NAME = "model_card_template.md"
+CARD_TAGS = ["clip", "zero-shot-image-classification", "vision", "hf_clip"]
+
+
+@dataclass(frozen=True)
+class PaperModel:
+    """Facts of one released model that the config cannot tell: its size and published ImageNet figure."""
+
+    name: str  # open_clip spelling, also the card's file name
+    preset: str  # hf_clip preset / OpenAI spelling
+    params_m: float
+    imagenet_zero_shot: float
+    imagenet_verified: bool
+
+
+# Parameter counts and ImageNet zero-shot top-1 (%) from the paper, via /shared/reference/paper-facts.md; the
+# four ResNet figures are marked there as not yet checked against the paper.
+PAPER_MODELS: dict[str, PaperModel] = {
+    m.name: m
+    for m in (
+        PaperModel("RN50", "RN50", 102.0, 59.6, False),
+        PaperModel("RN101", "RN101", 119.7, 62.2, False),
+        PaperModel("RN50x4", "RN50x4", 178.3, 65.8, False),
+        PaperModel("RN50x16", "RN50x16", 291.0, 70.5, False),
+        PaperModel("RN50x64", "RN50x64", 623.3, 73.6, True),
+        PaperModel("ViT-B-32", "ViT-B/32", 151.3, 63.2, True),
+        PaperModel("ViT-B-16", "ViT-B/16", 149.6, 68.6, True),
+        PaperModel("ViT-L-14", "ViT-L/14", 427.6, 75.3, True),
+        PaperModel("ViT-L-14-336", "ViT-L/14@336px", 427.9, 76.2, True),
+    )
+}
+
+# How each evaluation task (EvalResult.task) is filed in model-index.
+_TASKS = {
+    "zero-shot": ("zero-shot-image-classification", "Zero-shot image classification"),
+    "robustness": ("zero-shot-image-classification", "Zero-shot classification under distribution shift"),
+    "linear-probe": ("image-classification", "Linear probe on frozen image features"),
+    "retrieval": ("image-text-retrieval", "Zero-shot image-text retrieval"),
+    "bias": ("zero-shot-image-classification", "Zero-shot demographic classification (bias probe)"),
+}
+
+
+def paper_model(name: str) -> PaperModel:
+    """The paper model for an OpenAI ("ViT-B/32") or open_clip ("ViT-B-32") spelling."""
+    preset, _ = resolve_preset_name(name)
+    for model in PAPER_MODELS.values():
+        if model.preset == preset:
+            return model
+    raise ValueError(
+        f"{name!r} is not one of the paper's nine models ({', '.join(PAPER_MODELS)}); cards describe only those, "
+        "because their text quotes the paper's training data and published results."
+    )
+
+
+def _template() -> string.Template:
+    return string.Template(resources.files("hf_clip").joinpath(TEMPLATE_NAME).read_text(encoding="utf-8"))
+
+
+def _architecture(config: HfClipConfig) -> dict[str, Any]:
+    vision, text = config.vision_config, config.text_config
+    if vision.vision_type == "resnet":
+        image_tower = (
+            f"modified ResNet, stages {list(vision.resnet_layers)}, stem width {vision.hidden_size}, "
+            f"attention pooling with {vision.num_attention_heads} heads"
+        )
+        notes = (
+            "The ResNet differs from torchvision's ResNet-D: a three-convolution stem with an average pool "
+            "instead of a max pool; anti-aliased strided blocks (an average pool before the stride-1 3x3 "
+            "convolution; the downsample branch is average pool + 1x1 convolution + batch norm); and attention "
+            "pooling instead of global average pooling: one multi-head attention layer whose query is the mean "
+            "of the spatial tokens, with its own positional embedding."
+        )
+    else:
+        image_tower = (
+            f"Vision Transformer, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
+            f"{vision.num_attention_heads} heads, patch {vision.patch_size}"
+        )
+        notes = (
+            "The ViT embeds patches with a bias-free convolution, prepends a class token, adds a learned positional "
+            "embedding and applies an extra LayerNorm before the transformer (`ln_pre`); the class token's output "
+            "is normalised and linearly projected (no bias) into the joint space."
+        )
+    return {
+        "image_tower": image_tower,
+        "image_size": vision.image_size,
+        "text_layers": text.num_hidden_layers,
+        "text_width": text.hidden_size,
+        "text_heads": text.num_attention_heads,
+        "embed_dim": config.projection_dim,
+        "vocab_size": f"{text.vocab_size:,}",
+        "context_length": text.max_position_embeddings,
+        "architecture_notes": notes,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results -> model-index
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """A results JSON written by hf_clip.evaluation (keys dataset, model, task, metrics)."""
+    with open(path, encoding="utf-8") as f:
+        result = json.load(f)
+    missing = [k for k in ("dataset", "model", "task", "metrics") if k not in result]
+    if missing:
+        raise ValueError(
+            f"{path} lacks {missing}; pass results files written by `hf-clip eval ...` (they hold dataset, "
+            "model, task and metrics)."
+        )
+    if result["task"] not in _TASKS:
+        raise ValueError(f"{path}: unknown task {result['task']!r}; cards know {sorted(_TASKS)}.")
+    return result
+
+
+def _metric_name(key: str) -> str:
+    match = re.fullmatch(r"top(\d+)_accuracy", key)
+    if match:
+        return f"Top-{match.group(1)} accuracy"
+    return key.replace("_", " ").capitalize()
+
+
+def _model_index_metrics(result: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """(dataset, metrics) pairs to file; bias runs contribute only their classification accuracies."""
+    if result.get("per_dataset"):
+        return list(result["per_dataset"].items())
+    metrics = result["metrics"]
+    if result["task"] == "bias":
+        metrics = {k: v for k, v in metrics.items() if k.endswith("_accuracy")}
+    return [(result["dataset"], metrics)]
+
+
+def _dataset_type(name: str) -> str:
+    """A dataset id for model-index: a Hub id as is, a local path by its folder or file name."""
+    name = str(name).rstrip("/")
+    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
+        name = Path(name).name
+    return re.sub(r"[^A-Za-z0-9._/-]+", "-", name) or "dataset"
+
+
+def measured_eval_results(results: Sequence[dict[str, Any]]) -> list[EvalResult]:
+    """model-index entries for measured metrics (percentages, like the paper's figures)."""
+    entries = []
+    for result in results:
+        task_type, task_name = _TASKS[result["task"]]
+        for dataset, metrics in _model_index_metrics(result):
+            for key, value in metrics.items():
+                if not isinstance(value, (int, float)) or value != value:  # skip NaN and non-numbers
+                    continue
+                entries.append(
+                    EvalResult(
+                        task_type=task_type,
+                        task_name=task_name,
+                        dataset_type=_dataset_type(dataset),
+                        dataset_name=str(dataset),
+                        metric_type=key,
+                        metric_name=f"{_metric_name(key)} (measured with hf_clip)",
+                        metric_value=round(100 * float(value), 2),
+                    )
+                )
+    return entries
+
+
+def paper_eval_results(model: PaperModel) -> list[EvalResult]:
+    """The paper's ImageNet zero-shot figure, attributed to the paper; empty while it is unverified."""
+    if not model.imagenet_verified:
+        return []
+    return [
+        EvalResult(
+            task_type="zero-shot-image-classification",
+            task_name="Zero-shot image classification",
+            dataset_type="imagenet-1k",
+            dataset_name="ImageNet-1k",
+            dataset_split="validation",
+            metric_type="accuracy",
+            metric_name="Top-1 accuracy (published in the paper)",
+            metric_value=model.imagenet_zero_shot,
+            source_name=PAPER_SOURCE,
+            source_url=PAPER_URL,
+        )
+    ]
+
+
+def _metadata(model: PaperModel, results: Sequence[dict[str, Any]]) -> str:
+    eval_results = paper_eval_results(model) + measured_eval_results(results)
+    data = ModelCardData(
+        license="mit",
+        library_name="transformers",
+        pipeline_tag="zero-shot-image-classification",
+        language="en",
+        tags=CARD_TAGS,
+        model_name=f"clip-{model.name.lower()}" if eval_results else None,
+        eval_results=eval_results or None,
+    )
+    return "---\n" + data.to_yaml() + "\n---"
+
+
+def _measured_section(results: Sequence[dict[str, Any]]) -> str:
+    rows = []
+    for result in results:
+        if result["task"] == "bias":
+            continue
+        for dataset, metrics in _model_index_metrics(result):
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and value == value:
+                    rows.append(
+                        f"| {result['task']} | {dataset} | {_metric_name(key)} | {100 * float(value):.2f} |"
+                    )
+    if not rows:
+        return ""
+    return (
+        "### Measured with hf_clip\n\nMeasured on this checkpoint with `hf-clip eval` (percentages):\n\n"
+        "| Task | Dataset | Metric | Value |\n|---|---|---|---:|\n" + "\n".join(rows)
+    )
+
+
+def _bias_section(results: Sequence[dict[str, Any]]) -> str:
+    from .evaluation.bias import bias_card_section
+
+    sections = [bias_card_section(r) for r in results if r["task"] == "bias"]
+    return "\n\n".join(["### Measured on this checkpoint", *sections]) if sections else ""
+
+
+def render_card(preset_name: str, results: Sequence[dict[str, Any]] | None = None) -> str:
+    """The model card of one of the paper's nine models, with measured `results` (loaded results dicts) added."""
+    model = paper_model(preset_name)
+    results = list(results or [])
+    config = HfClipConfig.from_preset(model.preset)
+    verified = model.imagenet_verified
+    figure = f"{model.imagenet_zero_shot:.1f}%" + ("" if verified else " (unverified)")
+    note = (
+        ""
+        if verified
+        else "The figure marked unverified was transcribed from the paper but has not yet been checked against "
+        "it by this project, so it is left out of the card's machine-readable `model-index`."
+    )
+    values = {
+        "name": model.name,
+        "openai_name": model.preset,
+        "params_m": f"{model.params_m:.1f}",
+        "metadata": _metadata(model, results),
+        "paper_imagenet": figure,
+        "paper_imagenet_note": note,
+        "training_note": (
+            " This model received one extra epoch at 336 px after training at 224 px."
+            if "336" in model.preset
+            else ""
+        ),
+        "measured_section": _measured_section(results),
+        "bias_section": _bias_section(results),
+        **_architecture(config),
+    }
+    text = _template().substitute(values)
+    return re.sub(r"\n{3,}", "\n\n", text).rstrip("\n") + "\n"
+
+
+def card_path(directory: str | os.PathLike, name: str) -> Path:
+    return Path(directory) / f"{paper_model(name).name}.md"
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_paper_cards(directory: str | os.PathLike) -> list[Path]:
+    """(Re)generate the nine committed cards, `model_cards/<name>.md`."""
+    return [write_text_atomic(card_path(directory, name), render_card(name)) for name in PAPER_MODELS]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which paper model a saved folder holds
+
+
+def _signature(config: HfClipConfig) -> tuple:
+    v, t = config.vision_config, config.text_config
+    layers = tuple(v.resnet_layers) if v.vision_type == "resnet" else v.num_hidden_layers
+    return (v.vision_type, v.image_size, v.patch_size, v.hidden_size, layers, t.hidden_size, t.num_hidden_layers,
+            config.projection_dim)  # fmt: skip
+
+
+def identify_paper_model(config: HfClipConfig) -> PaperModel:
+    """The paper model whose architecture `config` has; a clear error for any other size."""
+    signature = _signature(config)
+    for model in PAPER_MODELS.values():
+        if _signature(HfClipConfig.from_preset(model.preset)) == signature:
+            return model
+    raise ValueError(
+        "This model's architecture is not one of the paper's nine models, so its card cannot quote the paper; "
+        f"pass --preset NAME if it is one of {', '.join(PAPER_MODELS)} with changed sizes."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI: hf-clip card
+
+
+def add_card_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "card",
+        help="Write a model folder's README.md (model card) from the template and measured results.",
+        description="Render the Hub model card of one of the paper's nine models into MODEL/README.md, adding "
+        "measured results (JSON files written by `hf-clip eval`) to model-index and the bias section.",
+    )
+    parser.add_argument("--model", required=True, help="Saved model folder (config.json inside).")
+    parser.add_argument(
+        "--results", nargs="*", default=[], help="Results JSON files from `hf-clip eval ...`."
+    )
+    parser.add_argument("--preset", help="Paper model name, when it cannot be read from the config.")
+    parser.add_argument("--output", help="Where to write the card (default MODEL/README.md).")
+    parser.set_defaults(func=run_card)
+    return parser
+
+
+def run_card(args: argparse.Namespace) -> Path:
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir / 'config.json'} not found; --model must be a saved hf_clip folder."
+        )
+    if args.preset:
+        name = paper_model(args.preset).name
+    else:
+        name = identify_paper_model(HfClipConfig.from_pretrained(model_dir)).name
+    results = [load_results(p) for p in args.results]
+    path = write_text_atomic(
+        Path(args.output) if args.output else model_dir / "README.md", render_card(name, results)
+    )
+    print(f"Wrote the {name} card to {path}")
+    return path
+
+
+__all__ = [
+    "PAPER_MODELS",
+    "PaperModel",
+    "add_card_parser",
+    "identify_paper_model",
+    "load_results",
+    "measured_eval_results",
+    "paper_eval_results",
+    "paper_model",
+    "render_card",
+    "run_card",
+    "write_paper_cards",
+]
