@@ -6,11 +6,15 @@ transformers' Auto classes under the model type `hf_clip`.
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+    AutoTokenizer,
 )
 
 from .configuration_hf_clip import PAPER_MODELS, PRESETS, HfClipConfig, HfClipTextConfig, HfClipVisionConfig
+from .image_processing_hf_clip import HfClipImageProcessor, RandomResizedSquareCrop
 from .modeling_hf_clip import (
     HfClipModel,
     HfClipOutput,
@@ -20,6 +24,19 @@ from .modeling_hf_clip import (
     HfClipVisionModel,
     HfClipVisionModelWithProjection,
     contrastive_loss,
+)
+from .processing_hf_clip import HfClipProcessor
+from .tokenization_hf_clip import HfClipTokenizer
+from .zero_shot import (
+    ZERO_SHOT_TASK,
+    EmbeddingIndex,
+    HfClipZeroShotImageClassificationPipeline,
+    SearchResult,
+    ZeroShotClassifier,
+    available_datasets,
+    get_classnames,
+    get_templates,
+    register_pipelines,
 )
 
 __version__ = "0.1.0"
@@ -32,10 +49,19 @@ def _register() -> None:
     AutoModel.register(HfClipTextConfig, HfClipTextModel, exist_ok=True)
     AutoModel.register(HfClipVisionConfig, HfClipVisionModel, exist_ok=True)
     AutoModelForZeroShotImageClassification.register(HfClipConfig, HfClipModel, exist_ok=True)
+    AutoTokenizer.register(HfClipConfig, tokenizer_class=HfClipTokenizer, exist_ok=True)
+    # One class serves both backends AutoImageProcessor may ask for.
+    backends = {"pil": HfClipImageProcessor, "torchvision": HfClipImageProcessor}
+    AutoImageProcessor.register(HfClipConfig, image_processor_classes=backends, exist_ok=True)
+    AutoProcessor.register(HfClipConfig, HfClipProcessor, exist_ok=True)
     # save_pretrained writes the code and auto_map, so folders load with trust_remote_code=True.
     HfClipConfig.register_for_auto_class()
     for model_cls in (HfClipModel, HfClipTextModel, HfClipVisionModel):
         model_cls.register_for_auto_class("AutoModel")
+    HfClipTokenizer.register_for_auto_class("AutoTokenizer")
+    HfClipImageProcessor.register_for_auto_class("AutoImageProcessor")
+    HfClipProcessor.register_for_auto_class("AutoProcessor")
+    register_pipelines()
 
 
 _register()
@@ -54,4 +80,17 @@ __all__ = [
     "HfClipVisionModel",
     "HfClipVisionModelWithProjection",
     "contrastive_loss",
+    "HfClipTokenizer",
+    "HfClipImageProcessor",
+    "RandomResizedSquareCrop",
+    "HfClipProcessor",
+    "ZERO_SHOT_TASK",
+    "EmbeddingIndex",
+    "HfClipZeroShotImageClassificationPipeline",
+    "SearchResult",
+    "ZeroShotClassifier",
+    "available_datasets",
+    "get_classnames",
+    "get_templates",
+    "register_pipelines",
 ]

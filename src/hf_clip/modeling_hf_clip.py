@@ -496,6 +496,10 @@ class HfClipOutput(ModelOutput):
     image_embeds: torch.Tensor | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
+    # The multiplier exp(logit_scale) (and SigLIP's bias) as used here, with their graphs: a training loss over
+    # the global batch needs them, and under ZeRO-3 the parameters are only materialised inside forward.
+    logit_scale: torch.Tensor | None = None
+    logit_bias: torch.Tensor | None = None
 
     def to_tuple(self) -> tuple[Any, ...]:
         return tuple(
@@ -676,7 +680,8 @@ class HfClipModel(HfClipPreTrainedModel):
         text_out = self.text_model(input_ids, output_hidden_states=output_hidden_states)
         image_embeds = _normalize(self.visual_projection(vision_out.pooler_output))
         text_embeds = _normalize(self.text_projection(text_out.pooler_output))
-        logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t().to(text_embeds.dtype)
+        scale = self.logit_scale.exp()
+        logits_per_text = scale * text_embeds @ image_embeds.t().to(text_embeds.dtype)
         if self.logit_bias is not None:
             logits_per_text = logits_per_text + self.logit_bias
         logits_per_image = logits_per_text.t()
@@ -695,6 +700,8 @@ class HfClipModel(HfClipPreTrainedModel):
             image_embeds=image_embeds,
             text_model_output=text_out,
             vision_model_output=vision_out,
+            logit_scale=scale,
+            logit_bias=self.logit_bias,
         )
         return output if return_dict is not False else output.to_tuple()
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..configuration_hf_clip import PRESETS, HfClipConfig, resolve_preset_name
+from ..configuration_hf_clip import HfClipConfig
 from ..modeling_hf_clip import HfClipModel
 from .accumulation import average_gradients, contrastive_accumulation_step
 from .data import CaptionCollator, CaptionDataset, EpochBatchSampler, StreamingCaptionDataset
@@ -98,6 +98,9 @@ class PretrainArguments:
     train_samples: int = field(
         default=10_000, metadata={"help": "Size of the built-in synthetic training set."}
     )
+    eval_samples: int = field(
+        default=600, metadata={"help": "Size of the built-in held-out set, or rows evaluated of --eval_split."}
+    )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -113,7 +116,7 @@ def _load_datasets(args: PretrainArguments) -> tuple[Any, Any]:
         train = load_synthetic_clip_dataset(
             "train", num_samples=args.train_samples, image_size=size, seed=args.seed
         )
-        test = load_synthetic_clip_dataset("test", num_samples=600, image_size=size, seed=args.seed)
+        test = load_synthetic_clip_dataset("test", num_samples=args.eval_samples, image_size=size, seed=args.seed)
         return train, test
     from datasets import load_dataset
 
@@ -127,24 +130,31 @@ def _load_datasets(args: PretrainArguments) -> tuple[Any, Any]:
     return train, evaluation
 
 
-def _build_config(
-    args: PretrainArguments, vocab_size: int, eos_token_id: int, bos_token_id: int
-) -> HfClipConfig:
-    text = dict(vocab_size=vocab_size, eos_token_id=eos_token_id, bos_token_id=bos_token_id)
+def _build_config(args: PretrainArguments, vocab_size: int, eos_token_id: int, bos_token_id: int) -> HfClipConfig:
+    """The model to train from scratch; its vocabulary always follows the tokenizer's."""
     if args.model == "tiny":
-        cfg = dict(TINY_CONFIG, text_config={**TINY_CONFIG["text_config"], **text})
-        config = HfClipConfig(**cfg)
+        config = HfClipConfig(**TINY_CONFIG)
     elif args.model.endswith(".json"):
         config = HfClipConfig.from_json_file(args.model)
     else:
-        name, _ = resolve_preset_name(args.model)
-        assert name in PRESETS
-        config = HfClipConfig.from_preset(args.model, text_config=text)
+        config = HfClipConfig.from_preset(args.model)
+    text = config.text_config
+    text.vocab_size, text.eos_token_id, text.bos_token_id = vocab_size, eos_token_id, bos_token_id
     if args.image_size:
-        config.vision_config.image_size = args.image_size
+        config.vision_config = type(config.vision_config)(**{**config.vision_config.to_dict(), "image_size": args.image_size})
     if args.loss == "siglip":
         config.logit_scale_init_value, config.logit_bias_init_value = math.log(10.0), -10.0
     return config
+
+
+def clamp_temperature(model: HfClipModel, max_scale: float = 100.0) -> None:
+    """Clamp exp(logit_scale) at 100 after each step; under ZeRO-3 the value lives in the local partition."""
+    partition = getattr(model.logit_scale, "ds_tensor", None)
+    if partition is None:
+        clamp_logit_scale(model, max_scale)
+    else:
+        with torch.no_grad():
+            partition.clamp_(max=math.log(max_scale))
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
@@ -171,18 +181,24 @@ def _save_checkpoint(accelerator: Any, output_dir: Path, step: int, epoch: int, 
 def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     """Train, evaluate and save; returns the final metrics (held-out zero-shot for the built-in data)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
     from tqdm.auto import tqdm
 
     from ..image_processing_hf_clip import HfClipImageProcessor
     from ..processing_hf_clip import HfClipProcessor
-    from ..tokenization_hf_clip import HfClipTokenizer
+    from ..tokenization_hf_clip import HfClipTokenizer, clip_vocab
 
     if args.loss not in ("clip", "siglip"):
         raise ValueError(f"--loss must be 'clip' or 'siglip', got {args.loss!r}.")
     output_dir = Path(args.output_dir)
+    handlers = []
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Without a GPU accelerate picks no backend for DeepSpeed and runs each process alone; gloo fixes that.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
-        log_with=None if args.report_to == "none" else args.report_to, project_dir=str(output_dir)
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=str(output_dir),
+        kwargs_handlers=handlers,
     )
     set_seed(args.seed)
     train_data, eval_data = _load_datasets(args)
@@ -193,10 +209,11 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         tokenizer = HfClipTokenizer.from_pretrained(args.tokenizer or pretrained_dir)
     else:
         tok_dir = output_dir / "tokenizer"
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and not (args.resume_from_checkpoint and (tok_dir / "tokenizer.json").exists()):
             captions = train_data if args.streaming else train_data.select_columns([args.caption_column])
             texts = (row[args.caption_column] for row in captions)
-            HfClipTokenizer.train_from_captions(texts, vocab_size=args.vocab_size).save_pretrained(tok_dir)
+            empty = HfClipTokenizer(vocab=clip_vocab([], ["<start_of_text>", "<end_of_text>"]), merges=[])
+            empty.train_new_from_iterator(texts, vocab_size=args.vocab_size).save_pretrained(tok_dir)
         accelerator.wait_for_everyone()
         tokenizer = HfClipTokenizer.from_pretrained(tok_dir)
 
@@ -209,7 +226,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     context = config.text_config.max_position_embeddings
     tokenizer.model_max_length = context
     size = config.vision_config.image_size
-    image_processor = HfClipImageProcessor(size=size, crop_size=size)
+    image_processor = HfClipImageProcessor.for_image_size(size)
     processor = HfClipProcessor(image_processor=image_processor, tokenizer=tokenizer)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -242,9 +259,18 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         raise ValueError("--streaming needs --max_steps (a stream has no known length).")
     max_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
 
+    scalars_names = [n for n, p in model.named_parameters() if p.ndim == 0]
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        for name in scalars_names:  # DeepSpeed cannot broadcast 0-d tensors; saved back as scalars below
+            setattr(model, name, torch.nn.Parameter(getattr(model, name).data.reshape(1)))
     tower = config.vision_config.vision_type
     optimizer = create_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay, tower=tower)
     scheduler = cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, max_steps), max_steps)
+    if accelerator.state.deepspeed_plugin is not None:  # our DataLoader is not prepared, so say the batch size
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
+        ds_config["train_batch_size"] = args.per_device_train_batch_size * accelerator.num_processes
+        ds_config["gradient_accumulation_steps"] = 1
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw_model = accelerator.unwrap_model(model)
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -295,21 +321,19 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         )
         return torch.utils.data.DataLoader(train_rows, batch_sampler=sampler, **common)
 
-    def embed(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss over the global batch; the temperature comes out of forward (ZeRO-3 only gathers it there)."""
         out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
-        return out.image_embeds, out.text_embeds
+        extra = (out.logit_bias,) if args.loss == "siglip" else ()
+        loss = loss_fn(out.image_embeds.float(), out.text_embeds.float(), out.logit_scale.float(), *extra)
+        return loss, out.logit_scale.detach()
 
-    def scalars() -> tuple[torch.Tensor, ...]:
-        scale = raw_model.logit_scale.exp()
-        return (scale, raw_model.logit_bias) if args.loss == "siglip" else (scale,)
-
-    def training_step(micro: list[dict[str, Any]]) -> torch.Tensor:
+    def training_step(micro: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         if len(micro) == 1:
             with accelerator.autocast():
-                image_embeds, text_embeds = embed(micro[0])
-                loss = loss_fn(image_embeds.float(), text_embeds.float(), *scalars())
+                loss, scale = forward_loss(micro[0])
             accelerator.backward(loss)
-            return loss.detach()
+            return loss.detach(), scale
 
         def encode_image(px: torch.Tensor) -> torch.Tensor:
             with accelerator.autocast():
@@ -320,18 +344,14 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
                 return F.normalize(raw_model.get_text_features(ids).float(), dim=-1)
 
         batches = [(b["pixel_values"], b["input_ids"]) for b in micro]
-        extra = scalars()
+        scale = raw_model.logit_scale.exp()
         loss = contrastive_accumulation_step(
-            encode_image,
-            encode_text,
-            batches,
-            loss_fn,
-            extra[0],
-            logit_bias=extra[1] if len(extra) > 1 else None,
+            encode_image, encode_text, batches, loss_fn, scale,
+            logit_bias=raw_model.logit_bias if args.loss == "siglip" else None,
             backward=accelerator.backward,
         )
         average_gradients(raw_model)  # the encoders bypassed DDP's hooks
-        return loss
+        return loss, scale.detach()
 
     skipped = torch.zeros((), dtype=torch.long)
     progress = tqdm(
@@ -358,7 +378,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
             if exhausted:
                 break
             t1 = time.perf_counter()
-            loss = training_step(micro)
+            loss, scale = training_step(micro)
             finite = accelerator.gather(torch.isfinite(loss).reshape(1).to(accelerator.device)).all()
             if not finite:
                 raise NonFiniteLossError(
@@ -370,7 +390,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            clamp_logit_scale(raw_model)
+            clamp_temperature(raw_model)
             step += 1
             progress.update(1)
             t2 = time.perf_counter()
@@ -383,7 +403,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
                 logs = {
                     "loss": window["loss"] / window["steps"],
                     "lr": scheduler.get_last_lr()[0],
-                    "temperature": raw_model.logit_scale.exp().item(),
+                    "temperature": scale.float().mean().item(),
                     "samples_per_s": window["samples"] / window["step_s"],
                     "data_wait_fraction": window["data_s"] / window["step_s"],
                     "skipped_samples": int(accelerator.reduce(skipped.to(accelerator.device), "sum")),
@@ -413,6 +433,8 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     )
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
+    if state_dict is not None:
+        state_dict = {k: v.reshape(()) if k in scalars_names else v for k, v in state_dict.items()}
     if accelerator.is_main_process:
         raw_model.save_pretrained(output_dir, state_dict=state_dict)
         processor.save_pretrained(output_dir)
@@ -444,14 +466,15 @@ def evaluate(
         for attribute in [*SYNTHETIC_ATTRIBUTES, "combination"]:
             names = dataset.features[attribute].names
             classifier = ZeroShotClassifier.from_model(
-                model, tokenizer, names, synthetic_zero_shot_templates(attribute), device=device
+                model, tokenizer, names, synthetic_zero_shot_templates(attribute), device=device, progress=False
             )
             predictions = classifier(image_embeds=image_embeds).argmax(-1).cpu()
             metrics[f"zero_shot_top1/{attribute}"] = (
                 (predictions == torch.tensor(dataset[attribute])).float().mean().item()
             )
         return metrics
-    rows = dataset.take(512) if args.streaming else dataset.select(range(min(512, len(dataset))))
+    n = args.eval_samples
+    rows = dataset.take(n) if args.streaming else dataset.select(range(min(n, len(dataset))))
     images = [r[args.image_column] for r in rows]
     captions = [r[args.caption_column] for r in rows]
     pixel_values = image_processor(images, return_tensors="pt")["pixel_values"].to(device)

@@ -1,0 +1,34 @@
+"""`hf-clip`: convert checkpoints, evaluate, write model cards and publish to the Hub."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cards import add_card_parser
+    from .convert.cli import add_convert_parser
+    from .evaluation.bias_cli import add_bias_parser
+    from .evaluation.cli import add_eval_parser
+    from .hub import add_push_parser
+
+    parser = argparse.ArgumentParser(prog="hf-clip", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_convert_parser(commands)
+    add_bias_parser(add_eval_parser(commands))
+    add_card_parser(commands)
+    add_push_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .evaluation.cli import run_eval
+
+    args = build_parser().parse_args(argv)
+    result = (getattr(args, "func", None) or run_eval)(args)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""End-to-end pretraining: the example script, resume, bad data, real-data formats, multi-process."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from hf_clip.training import PretrainArguments, run_pretraining
+from hf_clip.training.pretraining import NonFiniteLossError, _checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {
+    "projection_dim": 32,
+    "text_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 1, "max_position_embeddings": 24},
+    "vision_config": {"image_size": 32, "patch_size": 16, "hidden_size": 32, "num_hidden_layers": 1},
+}
+
+
+def tiny_args(tmp_path: Path, **overrides) -> PretrainArguments:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = tmp_path / "tiny.json"
+    if not config.exists():
+        from hf_clip import HfClipConfig
+
+        HfClipConfig(**TINY_MODEL).to_json_file(config)
+    base = dict(
+        model=str(config),
+        output_dir=str(tmp_path / "run"),
+        image_size=32,
+        train_samples=64,
+        eval_samples=24,
+        per_device_train_batch_size=8,
+        max_steps=4,
+        logging_steps=1,
+        warmup_steps=1,
+        num_workers=0,
+        report_to="none",
+        vocab_size=600,
+    )
+    return PretrainArguments(**{**base, **overrides})
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "train_log.jsonl").read_text().splitlines()
+    return {row["step"]: row["loss"] for row in map(json.loads, lines)}
+
+
+def test_builtin_run_saves_a_loadable_model(tmp_path):
+    from transformers import AutoModel, AutoProcessor, pipeline
+
+    metrics = run_pretraining(tiny_args(tmp_path))
+    assert set(metrics) == {f"zero_shot_top1/{a}" for a in ("shape", "color", "size", "position", "combination")}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    run = tmp_path / "run"
+    assert (run / "model.safetensors").exists() and (run / "results.json").exists()
+    model = AutoModel.from_pretrained(run)
+    processor = AutoProcessor.from_pretrained(run)
+    assert model.config.text_config.vocab_size == len(processor.tokenizer)
+    classifier = pipeline("zero-shot-image-classification", model=str(run))
+    out = classifier(Image.new("RGB", (40, 40), "red"), candidate_labels=["red circle", "blue square"])
+    assert {o["label"] for o in out} == {"red circle", "blue square"}
+    assert len(logged_losses(run)) == 4
+
+
+def test_resume_continues_exactly(tmp_path):
+    import shutil
+
+    full = tiny_args(tmp_path / "a", max_steps=6, checkpointing_steps=3)
+    run_pretraining(full)
+    uninterrupted = logged_losses(Path(full.output_dir))
+
+    # A second run that "died" after step 3: it only has the step-3 checkpoint (and its tokenizer).
+    resumed_args = tiny_args(tmp_path / "b", max_steps=6, resume_from_checkpoint="latest")
+    run_dir = Path(resumed_args.output_dir)
+    shutil.copytree(Path(full.output_dir) / "checkpoints" / "step_3", run_dir / "checkpoints" / "step_3")
+    shutil.copytree(Path(full.output_dir) / "tokenizer", run_dir / "tokenizer")
+    # A save killed half-way leaves a .tmp folder: it must never be picked up as "latest".
+    (run_dir / "checkpoints" / "step_5.tmp").mkdir()
+    assert [p.name for p in _checkpoints(run_dir)] == ["step_3"]
+    run_pretraining(resumed_args)
+    resumed = logged_losses(run_dir)
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-6), step
+
+
+def test_bad_rows_are_skipped_and_counted(tmp_path):
+    from datasets import Dataset
+
+    rows = {"image": [], "caption": []}
+    for i in range(40):
+        image = io.BytesIO()
+        Image.new("RGB", (36, 36), (i * 6, 100, 200 - i * 4)).save(image, format="PNG")
+        rows["image"].append(image.getvalue())
+        rows["caption"].append(f"a colour swatch number {i}")
+    rows["image"][3] = b"not a png at all"
+    rows["image"][7] = rows["image"][7][:60]  # truncated file
+    rows["caption"][11] = "   "
+    path = tmp_path / "data"
+    Dataset.from_dict(rows).to_parquet(str(tmp_path / "data.parquet"))
+    del path
+    args = tiny_args(tmp_path, dataset="parquet", data_files=str(tmp_path / "data.parquet"), max_steps=4)
+    run_pretraining(args)
+    log = [json.loads(line) for line in (Path(args.output_dir) / "train_log.jsonl").read_text().splitlines()]
+    # 32 of the 40 rows are drawn by 4 steps of 8; the skipped count is cumulative.
+    assert 1 <= log[-1]["skipped_samples"] <= 3
+
+
+def test_imagefolder_with_metadata(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(24):
+            Image.new("RGB", (40, 30), (200, i * 10, 0)).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"an orange picture {i}"}) + "\n")
+    args = tiny_args(tmp_path, dataset=str(folder), caption_column="text", max_steps=2, eval_split="train")
+    metrics = run_pretraining(args)
+    assert 0.0 <= metrics["retrieval_recall@1/image_to_text"] <= 1.0
+
+
+def test_webdataset_shards_streaming(tmp_path):
+    import tarfile
+
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(20):
+            for ext, payload in (("png", None), ("txt", f"a green picture {i}".encode())):
+                if payload is None:
+                    buf = io.BytesIO()
+                    Image.new("RGB", (32, 32), (0, 10 * i, 0)).save(buf, format="PNG")
+                    payload = buf.getvalue()
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    args = tiny_args(
+        tmp_path,
+        dataset="webdataset",
+        data_files=str(shard),
+        image_column="png",
+        caption_column="txt",
+        streaming=True,
+        max_steps=2,
+    )
+    run_pretraining(args)
+    assert (Path(args.output_dir) / "model.safetensors").exists()
+
+
+def test_non_finite_loss_names_the_step(tmp_path, monkeypatch):
+    from hf_clip.training import pretraining
+
+    class Broken(pretraining.ClipLoss):
+        def forward(self, *args):
+            return super().forward(*args) * float("nan")
+
+    monkeypatch.setattr(pretraining, "ClipLoss", Broken)
+    with pytest.raises(NonFiniteLossError, match="at step 1"):
+        run_pretraining(tiny_args(tmp_path))
+
+
+def test_gradcache_accumulation_runs(tmp_path):
+    run_pretraining(tiny_args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=4, max_steps=2))
+    assert len(logged_losses(tmp_path / "run")) == 2
+
+
+def _launch(tmp_path: Path, extra: list[str], *launcher: str) -> subprocess.CompletedProcess:
+    args = tiny_args(tmp_path)
+    cli = [
+        f"--{k}={v}"
+        for k, v in vars(args).items()
+        if v is not None and k not in ("max_steps",) and not isinstance(v, bool)
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(ROOT / "examples" / "pretrain.py")]
+    return subprocess.run(
+        [*cmd, *cli, "--max_steps=3", *extra], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
+
+
+def test_two_processes_bf16(tmp_path):
+    run = _launch(tmp_path, [], "--cpu", "--num_processes=2", "--mixed_precision=bf16", "--main_process_port=29531")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "zero_shot_top1/combination" in run.stdout
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_two_processes(tmp_path, stage):
+    pytest.importorskip("deepspeed")
+    config = ROOT / "examples" / "configs" / f"deepspeed_zero{stage}.yaml"
+    run = _launch(
+        tmp_path,
+        [],
+        f"--config_file={config}",
+        "--mixed_precision=no",
+        "--num_processes=2",
+        f"--main_process_port={29540 + stage}",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "run" / "model.safetensors").exists()
