@@ -465,3 +465,51 @@ def test_unsupported_inputs(tmp_path, vit_state_dict):
         convert_checkpoint(tmp_path / "bert", tmp_path / "out")
     with pytest.raises(ValueError, match="to='onnx'"):
         convert_checkpoint(tmp_path / "small_vocab.pt", tmp_path / "out", to="onnx")
+
+
+def test_head_counts_from_a_given_config(tmp_path):
+    """LAION's ViT-H/g/bigG use 80-104-wide heads: shapes alone cannot tell, so the architecture is named."""
+    from hf_clip import HfClipConfig
+
+    cfg = _shrunk_config("ViT-B-32-quickgelu")
+    cfg["vision_cfg"] = {**cfg["vision_cfg"], "width": 320, "head_width": 80}
+    reference = _reference(cfg)
+    torch.save(reference.state_dict(), tmp_path / "laion.pt")
+    inferred = convert_checkpoint(tmp_path / "laion.pt", tmp_path / "guessed", processor=False)
+    assert HfClipModel.from_pretrained(inferred).config.vision_config.num_attention_heads == 320 // 64 == 5
+    vision = cfg["vision_cfg"]
+    config = HfClipConfig(
+        projection_dim=cfg["embed_dim"],
+        text_config=dict(
+            vocab_size=cfg["text_cfg"]["vocab_size"],
+            hidden_size=cfg["text_cfg"]["width"],
+            num_hidden_layers=cfg["text_cfg"]["layers"],
+            num_attention_heads=cfg["text_cfg"]["heads"],
+            eos_token_id=VOCAB - 1,
+            bos_token_id=VOCAB - 2,
+        ),
+        vision_config=dict(
+            image_size=vision["image_size"],
+            patch_size=vision["patch_size"],
+            hidden_size=320,
+            num_hidden_layers=vision["layers"],
+            num_attention_heads=4,
+        ),
+    )
+    config.to_json_file(tmp_path / "laion.json")
+    parser = argparse.ArgumentParser()
+    add_convert_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "convert",
+            str(tmp_path / "laion.pt"),
+            str(tmp_path / "named"),
+            "--config",
+            str(tmp_path / "laion.json"),
+            "--no-processor",
+        ]
+    )
+    assert args.func(args) == 0
+    model = HfClipModel.from_pretrained(tmp_path / "named").eval()
+    assert model.config.vision_config.num_attention_heads == 4
+    _assert_parity(reference, model, vision["image_size"])

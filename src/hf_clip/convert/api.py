@@ -80,13 +80,24 @@ def _set_activation(config: HfClipConfig, activation: str) -> None:
     config.vision_config.hidden_act = activation
 
 
+def _given_config(config: HfClipConfig | str) -> HfClipConfig:
+    if isinstance(config, HfClipConfig):
+        return config
+    if str(config).endswith(".json"):
+        return HfClipConfig.from_json_file(config)
+    return HfClipConfig.from_preset(config)
+
+
 def load_hf_clip_state_dict(
-    src: str | PathLike, activation: str | None = None
+    src: str | PathLike, activation: str | None = None, config: HfClipConfig | str | None = None
 ) -> tuple[dict[str, torch.Tensor], HfClipConfig]:
     """Read any supported checkpoint and return its weights under hf_clip names, with the matching config.
 
     `activation` ("quick_gelu" or "gelu") overrides the config; without a config file (OpenAI / open_clip
-    checkpoints) it defaults to "quick_gelu", the activation of OpenAI's released weights.
+    checkpoints) it defaults to "quick_gelu", the activation of OpenAI's released weights. Shapes cannot
+    tell head counts: for OpenAI / open_clip files whose heads are not width // 64 (the LAION ViT-H/g/bigG),
+    name the architecture with `config`: an `HfClipConfig`, a preset name ("ViT-H-14") or a config.json path;
+    the weights are then checked against it.
     """
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r}; use one of {ACTIVATIONS}.")
@@ -95,7 +106,10 @@ def load_hf_clip_state_dict(
     layout = detect_layout(state_dict)
     what = f"{layout} checkpoint {src.name}"
     if layout == "openai":
-        config = infer_openai_config(state_dict, activation or "quick_gelu")
+        if config is not None:
+            config = _given_config(config)
+        else:
+            config = infer_openai_config(state_dict, activation or "quick_gelu")
         state_dict = apply_rules(state_dict, openai_rules(config), OPENAI_EXTRA_KEYS, what)
     elif layout == "transformers":
         if isinstance(source_config, CLIPConfig):
@@ -149,6 +163,7 @@ def convert_checkpoint(
     activation: str | None = None,
     overwrite: bool = False,
     processor: bool = True,
+    config: HfClipConfig | str | None = None,
 ) -> Path:
     """Convert `src` and write a complete model directory (config, safetensors weights, processor) to `out_dir`.
 
@@ -157,13 +172,14 @@ def convert_checkpoint(
     shipped with open_clip) and the model's input size; `processor=False` skips them (needed when the
     vocabulary is not OpenAI's). `activation` overrides the activation ("quick_gelu" is assumed for
     OpenAI / open_clip checkpoints, whose files do not record it). An existing non-empty `out_dir` is only
-    replaced with `overwrite=True`.
+    replaced with `overwrite=True`. `config` (an `HfClipConfig`, preset name or config.json) names the architecture where shapes cannot tell
+    it (head counts).
     """
     if to not in _TARGETS:
         raise ValueError(f"to={to!r}; use one of {_TARGETS}.")
     out_dir = Path(out_dir)
     _prepare_output(out_dir, overwrite)
-    state_dict, config = load_hf_clip_state_dict(src, activation)
+    state_dict, config = load_hf_clip_state_dict(src, activation, config)
     if processor:
         check_processor_vocabulary(config)
     if to == "transformers":

@@ -44,6 +44,11 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument(
+        "--config",
+        default=None,
+        help="preset name (e.g. ViT-H-14) or config.json, for OpenAI/open_clip files whose heads are not width/64",
+    )
+    parser.add_argument(
         "--no-processor",
         dest="processor",
         action="store_false",
@@ -65,6 +70,7 @@ def run_convert(args: argparse.Namespace) -> int:
         activation=args.activation,
         overwrite=args.overwrite,
         processor=args.processor,
+        config=args.config,
     )
     print(f"Wrote {args.to} model to {out}")
     return 0
