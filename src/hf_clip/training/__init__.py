@@ -1,0 +1,26 @@
+from .accumulation import average_gradients, contrastive_accumulation_step
+from .distributed import gather_with_grad
+from .loss import ClipLoss, SigLipLoss
+from .optim import (
+    clamp_logit_scale,
+    cosine_schedule_with_warmup,
+    create_optimizer,
+    param_groups,
+    weight_decay_split,
+)
+from .pretraining import PretrainArguments, run_pretraining
+
+__all__ = [
+    "ClipLoss",
+    "PretrainArguments",
+    "SigLipLoss",
+    "average_gradients",
+    "clamp_logit_scale",
+    "contrastive_accumulation_step",
+    "cosine_schedule_with_warmup",
+    "create_optimizer",
+    "gather_with_grad",
+    "param_groups",
+    "run_pretraining",
+    "weight_decay_split",
+]
