@@ -27,18 +27,17 @@ from .data import CaptionCollator, CaptionDataset, EpochBatchSampler, StreamingC
 from .loss import ClipLoss, SigLipLoss
 from .optim import clamp_logit_scale, cosine_schedule_with_warmup, create_optimizer
 
+# The default model of the main job: the paper's modified ResNet at toy size (a tiny ViT learns shape far
+# more slowly on the built-in data), a 3-layer text tower, 64 px images, a 32-token context.
 TINY_CONFIG = dict(
     projection_dim=128,
     text_config=dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=32),
-    vision_config=dict(
-        vision_type="vit",
-        image_size=64,
-        patch_size=8,
-        hidden_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-    ),
+    vision_config=dict(vision_type="resnet", resnet_layers=[1, 1, 1, 1], hidden_size=16, image_size=64),
 )
+
+
+# About 7 minutes on a 2-core CPU; the held-out zero-shot accuracy has plateaued by then.
+DEFAULT_SYNTHETIC_STEPS = 600
 
 
 @dataclass
@@ -69,7 +68,10 @@ class PretrainArguments:
     )
     vocab_size: int = field(default=1024, metadata={"help": "Vocabulary size when training a tokenizer."})
     output_dir: str = "outputs/pretrain"
-    max_steps: int | None = None
+    max_steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps; default: 600 on the built-in data, else --num_train_epochs."},
+    )
     num_train_epochs: float = 2.0
     per_device_train_batch_size: int = 128
     gradient_accumulation_steps: int = field(
@@ -99,7 +101,8 @@ class PretrainArguments:
         default=10_000, metadata={"help": "Size of the built-in synthetic training set."}
     )
     eval_samples: int = field(
-        default=600, metadata={"help": "Size of the built-in held-out set, or rows evaluated of --eval_split."}
+        default=600,
+        metadata={"help": "Size of the built-in held-out set, or rows evaluated of --eval_split."},
     )
 
 
@@ -116,7 +119,9 @@ def _load_datasets(args: PretrainArguments) -> tuple[Any, Any]:
         train = load_synthetic_clip_dataset(
             "train", num_samples=args.train_samples, image_size=size, seed=args.seed
         )
-        test = load_synthetic_clip_dataset("test", num_samples=args.eval_samples, image_size=size, seed=args.seed)
+        test = load_synthetic_clip_dataset(
+            "test", num_samples=args.eval_samples, image_size=size, seed=args.seed
+        )
         return train, test
     from datasets import load_dataset
 
@@ -130,7 +135,9 @@ def _load_datasets(args: PretrainArguments) -> tuple[Any, Any]:
     return train, evaluation
 
 
-def _build_config(args: PretrainArguments, vocab_size: int, eos_token_id: int, bos_token_id: int) -> HfClipConfig:
+def _build_config(
+    args: PretrainArguments, vocab_size: int, eos_token_id: int, bos_token_id: int
+) -> HfClipConfig:
     """The model to train from scratch; its vocabulary always follows the tokenizer's."""
     if args.model == "tiny":
         config = HfClipConfig(**TINY_CONFIG)
@@ -141,7 +148,9 @@ def _build_config(args: PretrainArguments, vocab_size: int, eos_token_id: int, b
     text = config.text_config
     text.vocab_size, text.eos_token_id, text.bos_token_id = vocab_size, eos_token_id, bos_token_id
     if args.image_size:
-        config.vision_config = type(config.vision_config)(**{**config.vision_config.to_dict(), "image_size": args.image_size})
+        config.vision_config = type(config.vision_config)(
+            **{**config.vision_config.to_dict(), "image_size": args.image_size}
+        )
     if args.loss == "siglip":
         config.logit_scale_init_value, config.logit_bias_init_value = math.log(10.0), -10.0
     return config
@@ -209,7 +218,9 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         tokenizer = HfClipTokenizer.from_pretrained(args.tokenizer or pretrained_dir)
     else:
         tok_dir = output_dir / "tokenizer"
-        if accelerator.is_main_process and not (args.resume_from_checkpoint and (tok_dir / "tokenizer.json").exists()):
+        if accelerator.is_main_process and not (
+            args.resume_from_checkpoint and (tok_dir / "tokenizer.json").exists()
+        ):
             captions = train_data if args.streaming else train_data.select_columns([args.caption_column])
             texts = (row[args.caption_column] for row in captions)
             empty = HfClipTokenizer(vocab=clip_vocab([], ["<start_of_text>", "<end_of_text>"]), merges=[])
@@ -257,7 +268,11 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
             )
     if args.max_steps is None and steps_per_epoch is None:
         raise ValueError("--streaming needs --max_steps (a stream has no known length).")
-    max_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
+    max_steps = args.max_steps or (
+        DEFAULT_SYNTHETIC_STEPS
+        if args.dataset is None
+        else math.ceil(args.num_train_epochs * steps_per_epoch)
+    )
 
     scalars_names = [n for n, p in model.named_parameters() if p.ndim == 0]
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -266,7 +281,9 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     tower = config.vision_config.vision_type
     optimizer = create_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay, tower=tower)
     scheduler = cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, max_steps), max_steps)
-    if accelerator.state.deepspeed_plugin is not None:  # our DataLoader is not prepared, so say the batch size
+    if (
+        accelerator.state.deepspeed_plugin is not None
+    ):  # our DataLoader is not prepared, so say the batch size
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
         ds_config["train_batch_size"] = args.per_device_train_batch_size * accelerator.num_processes
@@ -346,7 +363,11 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         batches = [(b["pixel_values"], b["input_ids"]) for b in micro]
         scale = raw_model.logit_scale.exp()
         loss = contrastive_accumulation_step(
-            encode_image, encode_text, batches, loss_fn, scale,
+            encode_image,
+            encode_text,
+            batches,
+            loss_fn,
+            scale,
             logit_bias=raw_model.logit_bias if args.loss == "siglip" else None,
             backward=accelerator.backward,
         )
@@ -466,7 +487,12 @@ def evaluate(
         for attribute in [*SYNTHETIC_ATTRIBUTES, "combination"]:
             names = dataset.features[attribute].names
             classifier = ZeroShotClassifier.from_model(
-                model, tokenizer, names, synthetic_zero_shot_templates(attribute), device=device, progress=False
+                model,
+                tokenizer,
+                names,
+                synthetic_zero_shot_templates(attribute),
+                device=device,
+                progress=False,
             )
             predictions = classifier(image_embeds=image_embeds).argmax(-1).cpu()
             metrics[f"zero_shot_top1/{attribute}"] = (
