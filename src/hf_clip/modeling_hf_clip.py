@@ -528,10 +528,13 @@ class HfClipTextModel(HfClipPreTrainedModel):
     config_class = HfClipTextConfig
     config: HfClipTextConfig
     input_modalities = ("text",)
+    _with_projection = False
 
     def __init__(self, config: HfClipTextConfig) -> None:
         super().__init__(config)
         self.text_model = HfClipTextTransformer(config)
+        if self._with_projection:
+            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -559,10 +562,13 @@ class HfClipVisionModel(HfClipPreTrainedModel):
     config: HfClipVisionConfig
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    _with_projection = False
 
     def __init__(self, config: HfClipVisionConfig) -> None:
         super().__init__(config)
         self.vision_model = build_vision_tower(config)
+        if self._with_projection:
+            self.visual_projection = _visual_projection(config)
         self.post_init()
 
     def forward(
@@ -575,28 +581,13 @@ class HfClipVisionModel(HfClipPreTrainedModel):
         return self.vision_model(pixel_values, interpolate_pos_encoding, output_hidden_states)
 
 
-class HfClipTextModelWithProjection(HfClipPreTrainedModel):
-    config_class = HfClipTextConfig
-    config: HfClipTextConfig
-    input_modalities = ("text",)
+class HfClipTextModelWithProjection(HfClipTextModel):
+    """The text tower and its projection: `text_embeds` live in the joint space."""
 
-    def __init__(self, config: HfClipTextConfig) -> None:
-        super().__init__(config)
-        self.text_model = HfClipTextTransformer(config)
-        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
-        self.post_init()
+    _with_projection = True
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.text_model.embeddings.token_embedding
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        **kwargs: Any,
-    ) -> HfClipTextModelOutput:
-        out = self.text_model(input_ids, output_hidden_states=output_hidden_states)
+    def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> HfClipTextModelOutput:
+        out = super().forward(input_ids, *args, **kwargs)
         return HfClipTextModelOutput(
             text_embeds=self.text_projection(out.pooler_output),
             last_hidden_state=out.last_hidden_state,
@@ -604,26 +595,13 @@ class HfClipTextModelWithProjection(HfClipPreTrainedModel):
         )
 
 
-class HfClipVisionModelWithProjection(HfClipPreTrainedModel):
-    config_class = HfClipVisionConfig
-    config: HfClipVisionConfig
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
+class HfClipVisionModelWithProjection(HfClipVisionModel):
+    """The image tower and its projection: `image_embeds` live in the joint space."""
 
-    def __init__(self, config: HfClipVisionConfig) -> None:
-        super().__init__(config)
-        self.vision_model = build_vision_tower(config)
-        self.visual_projection = _visual_projection(config)
-        self.post_init()
+    _with_projection = True
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool = False,
-        **kwargs: Any,
-    ) -> HfClipVisionModelOutput:
-        out = self.vision_model(pixel_values, interpolate_pos_encoding, output_hidden_states)
+    def forward(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> HfClipVisionModelOutput:
+        out = super().forward(pixel_values, *args, **kwargs)
         return HfClipVisionModelOutput(
             image_embeds=self.visual_projection(out.pooler_output),
             last_hidden_state=out.last_hidden_state,

@@ -60,43 +60,8 @@ def prepare_example(
     return {"pixel_values": transform(image, generator), "caption": caption}
 
 
-class CaptionDataset(torch.utils.data.Dataset):
-    """Map-style view of a `datasets.Dataset` (images left undecoded) with per-(epoch, row) seeded augmentation."""
-
-    def __init__(
-        self,
-        dataset: Any,
-        image_column: str,
-        caption_column: str,
-        transform: Callable[[Image.Image, torch.Generator], torch.Tensor],
-        seed: int = 0,
-    ) -> None:
-        from datasets import Image as ImageFeature
-
-        missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
-        if missing:
-            raise ValueError(
-                f"Column(s) {missing} not in the dataset (columns: {dataset.column_names}); "
-                "set --image_column / --caption_column."
-            )
-        if isinstance(dataset.features[image_column], ImageFeature):
-            dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
-        self.dataset = dataset.select_columns([image_column, caption_column])
-        self.image_column, self.caption_column = image_column, caption_column
-        self.transform, self.seed, self.epoch = transform, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF)
-        return prepare_example(
-            self.dataset[index], self.image_column, self.caption_column, self.transform, generator
-        )
-
-
-class StreamingCaptionDataset(torch.utils.data.IterableDataset):
-    """Iterable view of a streaming `datasets.IterableDataset` already split across processes."""
+class _CaptionRows:
+    """What both views share: the columns, the transform, and augmentation seeded by (seed, epoch, row)."""
 
     def __init__(
         self,
@@ -109,15 +74,47 @@ class StreamingCaptionDataset(torch.utils.data.IterableDataset):
         self.dataset, self.image_column, self.caption_column = dataset, image_column, caption_column
         self.transform, self.seed, self.epoch = transform, seed, 0
 
+    def _example(self, row: dict[str, Any], index: int) -> dict[str, Any] | None:
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF)
+        return prepare_example(row, self.image_column, self.caption_column, self.transform, generator)
+
+
+class CaptionDataset(_CaptionRows, torch.utils.data.Dataset):
+    """Map-style view of a `datasets.Dataset` (images left undecoded, decoded in the workers)."""
+
+    def __init__(
+        self, dataset: Any, image_column: str, caption_column: str, *args: Any, **kwargs: Any
+    ) -> None:
+        from datasets import Image as ImageFeature
+
+        missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"Column(s) {missing} not in the dataset (columns: {dataset.column_names}); "
+                "set --image_column / --caption_column."
+            )
+        if isinstance(dataset.features[image_column], ImageFeature):
+            dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+        dataset = dataset.select_columns([image_column, caption_column])
+        super().__init__(dataset, image_column, caption_column, *args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        return self._example(self.dataset[index], index)
+
+
+class StreamingCaptionDataset(_CaptionRows, torch.utils.data.IterableDataset):
+    """Iterable view of a streaming `datasets.IterableDataset` already split across processes."""
+
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         self.dataset.set_epoch(self.epoch)
         for index, row in enumerate(self.dataset):
-            if index % workers != worker:
-                continue
-            generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF)
-            yield prepare_example(row, self.image_column, self.caption_column, self.transform, generator)
+            if index % workers == worker:
+                yield self._example(row, index)
 
 
 class CaptionCollator:
