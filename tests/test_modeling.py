@@ -53,7 +53,12 @@ def pixels(cfg: HfClipConfig, n: int = 3) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "name,alias",
-    [("ViT-B/32", "ViT-B-32"), ("ViT-L/14@336px", "ViT-L-14-336"), ("RN50x4", "rn50x4"), ("RN50", "RN50-quickgelu")],
+    [
+        ("ViT-B/32", "ViT-B-32"),
+        ("ViT-L/14@336px", "ViT-L-14-336"),
+        ("RN50x4", "rn50x4"),
+        ("RN50", "RN50-quickgelu"),
+    ],
 )
 def test_preset_spellings(name, alias):
     assert HfClipConfig.from_preset(name).to_dict() == HfClipConfig.from_preset(alias).to_dict()
@@ -122,7 +127,8 @@ def test_forward_outputs_and_loss(vision_type):
     assert torch.allclose(out.logits_per_image, manual, atol=1e-5)
     labels = torch.arange(3)
     expected = (
-        torch.nn.functional.cross_entropy(manual, labels) + torch.nn.functional.cross_entropy(manual.t(), labels)
+        torch.nn.functional.cross_entropy(manual, labels)
+        + torch.nn.functional.cross_entropy(manual.t(), labels)
     ) / 2
     assert torch.allclose(out.loss, expected, atol=1e-5)
     assert out.vision_model_output.pooler_output.shape[0] == 3
@@ -248,3 +254,19 @@ print(json.dumps(model.get_image_features(px).tolist()))
 def test_everything_public_is_exported():
     for name in hf_clip.__all__:
         assert getattr(hf_clip, name) is not None
+
+
+def test_patch_dropout_only_while_training():
+    cfg = tiny_config()
+    cfg.vision_config.patch_dropout = 0.5
+    model = HfClipModel(cfg)
+    px = pixels(cfg, 2)
+    model.train()
+    hidden = model.vision_model(px).last_hidden_state
+    assert hidden.shape[1] == 1 + 16 // 2  # class token + half of the 4x4 patches
+    two = model.vision_model(px).last_hidden_state
+    assert not torch.equal(hidden, two)  # a fresh subset each call
+    model.eval()
+    assert model.vision_model(px).last_hidden_state.shape[1] == 17
+    with pytest.raises(ValueError, match="patch_dropout"):
+        HfClipVisionConfig(patch_dropout=1.0)

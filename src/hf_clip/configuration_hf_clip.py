@@ -95,9 +95,16 @@ class HfClipVisionConfig(PretrainedConfig):
         layer_norm_eps: float = 1e-5,
         projection_dim: int = 512,
         initializer_factor: float = 1.0,
+        patch_dropout: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if not 0.0 <= patch_dropout < 1.0:
+            raise ValueError(
+                f"patch_dropout={patch_dropout} must be in [0, 1): the fraction of patches dropped."
+            )
+        # FLIP (Li et al., 2023): drop this fraction of patch tokens while training a ViT; faster steps.
+        self.patch_dropout = patch_dropout
         if vision_type not in ("vit", "resnet"):
             raise ValueError(f"vision_type={vision_type!r} is not supported; use 'vit' or 'resnet'.")
         self.vision_type = vision_type

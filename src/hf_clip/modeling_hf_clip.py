@@ -303,6 +303,15 @@ class HfClipTextTransformer(HfClipPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states)
 
 
+def _drop_patches(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Keep the class token and a random subset of patch tokens, a fresh subset per image (FLIP)."""
+    batch, patches, width = x.shape[0], x.shape[1] - 1, x.shape[2]
+    keep = max(1, int(round(patches * (1.0 - fraction))))
+    index = torch.rand(batch, patches, device=x.device).argsort(dim=-1)[:, :keep] + 1
+    kept = x.gather(1, index.unsqueeze(-1).expand(-1, -1, width))
+    return torch.cat([x[:, :1], kept], dim=1)
+
+
 class HfClipVisionTransformer(HfClipPreTrainedModel):
     """ViT image tower: bias-free patch convolution, class token, `ln_pre`, encoder, LayerNorm on the class token."""
 
@@ -341,7 +350,10 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
         pos = emb.position_embedding.weight
         if (height, width) != (self.config.image_size,) * 2:
             pos = torch.cat([pos[:1], _resize_grid(pos[1:], (height // patch, width // patch))])
-        x = self.pre_layernorm(x + pos)
+        x = x + pos
+        if self.training and self.config.patch_dropout > 0:
+            x = _drop_patches(x, self.config.patch_dropout)
+        x = self.pre_layernorm(x)
         x, states = self.encoder(x, None, output_hidden_states)
         pooled = self.post_layernorm(x[:, 0])
         return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states)

@@ -68,6 +68,20 @@ def _token_ids(vocab_size: int) -> dict[str, int]:
     return {"bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1}
 
 
+def _transformer_tower(
+    state_dict: Mapping[str, torch.Tensor], blocks: str, fc1: str, width: int, activation: str
+) -> dict[str, object]:
+    """Width, MLP size, depth, heads (CLIP's width / 64) and activation of a transformer tower whose blocks
+    are named ``{blocks}{i}.`` with the first MLP layer at ``{blocks}0.{fc1}``."""
+    return dict(
+        hidden_size=width,
+        intermediate_size=_get(state_dict, f"{blocks}0.{fc1}").shape[0],
+        num_hidden_layers=_count(state_dict, re.escape(blocks) + r"(\d+)\."),
+        num_attention_heads=max(1, width // 64),
+        hidden_act=activation,
+    )
+
+
 def infer_openai_config(
     state_dict: Mapping[str, torch.Tensor], activation: str = "quick_gelu"
 ) -> HfClipConfig:
@@ -82,12 +96,8 @@ def infer_openai_config(
     vocab_size = _get(state_dict, "token_embedding.weight").shape[0]
     text = dict(
         vocab_size=vocab_size,
-        hidden_size=width,
-        intermediate_size=_get(state_dict, "transformer.resblocks.0.mlp.c_fc.weight").shape[0],
-        num_hidden_layers=_count(state_dict, r"transformer\.resblocks\.(\d+)\."),
-        num_attention_heads=max(1, width // 64),
+        **_transformer_tower(state_dict, "transformer.resblocks.", "mlp.c_fc.weight", width, activation),
         max_position_embeddings=_get(state_dict, "positional_embedding").shape[0],
-        hidden_act=activation,
         **_token_ids(vocab_size),
     )
     projection_dim = _get(state_dict, "text_projection").shape[1]
@@ -99,11 +109,9 @@ def infer_openai_config(
             vision_type="vit",
             image_size=grid * patch_size,
             patch_size=patch_size,
-            hidden_size=vision_width,
-            intermediate_size=_get(state_dict, "visual.transformer.resblocks.0.mlp.c_fc.weight").shape[0],
-            num_hidden_layers=_count(state_dict, r"visual\.transformer\.resblocks\.(\d+)\."),
-            num_attention_heads=max(1, vision_width // 64),
-            hidden_act=activation,
+            **_transformer_tower(
+                state_dict, "visual.transformer.resblocks.", "mlp.c_fc.weight", vision_width, activation
+            ),
         )
     elif "visual.attnpool.positional_embedding" in state_dict:
         vision_width = _get(state_dict, "visual.layer1.0.conv1.weight").shape[0]
@@ -133,27 +141,22 @@ def infer_transformers_config(
     vision_width, patch_size = patch.shape[0], patch.shape[-1]
     positions = _get(state_dict, "vision_model.embeddings.position_embedding.weight").shape[0]
     context = _get(state_dict, "text_model.embeddings.position_embedding.weight").shape[0]
-    layer = r"{}\.encoder\.layers\.(\d+)\."
     return HfClipConfig(
         text_config=dict(
             vocab_size=vocab_size,
-            hidden_size=width,
-            intermediate_size=_get(state_dict, "text_model.encoder.layers.0.mlp.fc1.weight").shape[0],
-            num_hidden_layers=_count(state_dict, layer.format("text_model")),
-            num_attention_heads=max(1, width // 64),
             max_position_embeddings=context,
-            hidden_act=activation,
+            **_transformer_tower(
+                state_dict, "text_model.encoder.layers.", "mlp.fc1.weight", width, activation
+            ),
             **_token_ids(vocab_size),
         ),
         vision_config=dict(
             vision_type="vit",
             image_size=_grid(positions, "vision_model.embeddings.position_embedding") * patch_size,
             patch_size=patch_size,
-            hidden_size=vision_width,
-            intermediate_size=_get(state_dict, "vision_model.encoder.layers.0.mlp.fc1.weight").shape[0],
-            num_hidden_layers=_count(state_dict, layer.format("vision_model")),
-            num_attention_heads=max(1, vision_width // 64),
-            hidden_act=activation,
+            **_transformer_tower(
+                state_dict, "vision_model.encoder.layers.", "mlp.fc1.weight", vision_width, activation
+            ),
         ),
         projection_dim=_get(state_dict, "text_projection.weight").shape[0],
     )

@@ -23,6 +23,33 @@ TRANSFORMERS_EXTRA_KEYS = ("text_model.embeddings.position_ids", "vision_model.e
 # transformers' legacy CLIP configs set eos_token_id=2 and pool at the highest token id instead.
 _LEGACY_EOS = 2
 
+# Tower settings both libraries spell the same way and copy unchanged, in either direction.
+_TEXT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "layer_norm_eps",
+)
+_VISION_FIELDS = (
+    "image_size",
+    "patch_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "hidden_act",
+    "layer_norm_eps",
+)
+
+
+def _fields(tower_config: object, names: tuple[str, ...]) -> dict[str, object]:
+    return {name: getattr(tower_config, name) for name in names}
+
 
 def _encoder(prefix: str, layers: int) -> list[Rule]:
     rules = []
@@ -80,30 +107,8 @@ def config_from_transformers(config: CLIPConfig) -> HfClipConfig:
         eos = text.vocab_size - 1
     bos = text.bos_token_id if text.bos_token_id is not None and text.bos_token_id < text.vocab_size else None
     return HfClipConfig(
-        text_config=dict(
-            vocab_size=text.vocab_size,
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            num_hidden_layers=text.num_hidden_layers,
-            num_attention_heads=text.num_attention_heads,
-            max_position_embeddings=text.max_position_embeddings,
-            hidden_act=text.hidden_act,
-            layer_norm_eps=text.layer_norm_eps,
-            bos_token_id=bos,
-            eos_token_id=eos,
-        ),
-        vision_config=dict(
-            vision_type="vit",
-            image_size=vision.image_size,
-            patch_size=vision.patch_size,
-            hidden_size=vision.hidden_size,
-            intermediate_size=vision.intermediate_size,
-            num_hidden_layers=vision.num_hidden_layers,
-            num_attention_heads=vision.num_attention_heads,
-            num_channels=vision.num_channels,
-            hidden_act=vision.hidden_act,
-            layer_norm_eps=vision.layer_norm_eps,
-        ),
+        text_config={**_fields(text, _TEXT_FIELDS), "bos_token_id": bos, "eos_token_id": eos},
+        vision_config={"vision_type": "vit", **_fields(vision, _VISION_FIELDS)},
         projection_dim=config.projection_dim,
         logit_scale_init_value=config.logit_scale_init_value,
     )
@@ -114,32 +119,14 @@ def config_to_transformers(config: HfClipConfig) -> CLIPConfig:
     text, vision = config.text_config, config.vision_config
     transformers_rules(config)  # raises for a ResNet tower
     return CLIPConfig(
-        text_config=dict(
-            vocab_size=text.vocab_size,
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            num_hidden_layers=text.num_hidden_layers,
-            num_attention_heads=text.num_attention_heads,
-            max_position_embeddings=text.max_position_embeddings,
-            hidden_act=text.hidden_act,
-            layer_norm_eps=text.layer_norm_eps,
-            projection_dim=config.projection_dim,
-            pad_token_id=text.pad_token_id,
-            bos_token_id=text.bos_token_id,
-            eos_token_id=text.eos_token_id,
-        ),
-        vision_config=dict(
-            image_size=vision.image_size,
-            patch_size=vision.patch_size,
-            hidden_size=vision.hidden_size,
-            intermediate_size=vision.intermediate_size,
-            num_hidden_layers=vision.num_hidden_layers,
-            num_attention_heads=vision.num_attention_heads,
-            num_channels=vision.num_channels,
-            hidden_act=vision.hidden_act,
-            layer_norm_eps=vision.layer_norm_eps,
-            projection_dim=config.projection_dim,
-        ),
+        text_config={
+            **_fields(text, _TEXT_FIELDS),
+            "projection_dim": config.projection_dim,
+            "pad_token_id": text.pad_token_id,
+            "bos_token_id": text.bos_token_id,
+            "eos_token_id": text.eos_token_id,
+        },
+        vision_config={**_fields(vision, _VISION_FIELDS), "projection_dim": config.projection_dim},
         projection_dim=config.projection_dim,
         logit_scale_init_value=config.logit_scale_init_value,
     )

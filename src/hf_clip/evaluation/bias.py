@@ -412,7 +412,7 @@ def run_bias_probes(
 
     Image embeddings are computed once and shared by every probe.
     """
-    from .features import extract_image_features
+    from .features import FeatureOptions
     from .loading import check_dataset, prepare_image_column
 
     config = config or BiasProbeConfig()
@@ -437,16 +437,9 @@ def run_bias_probes(
             _check_known(attributes[attribute], getattr(config, f"{attribute}_labels"), attribute)
     identities = attribute_values(dataset, identity_column) if "identity" in probes else []
 
-    embeds = extract_image_features(
-        model,
-        getattr(processor, "image_processor", processor),
-        dataset,
-        image_column,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        dtype=dtype,
-        device=device,
-        cache_dir=cache_dir,
+    options = FeatureOptions(batch_size, num_workers, dtype, device, cache_dir)
+    embeds = options.image_features(
+        model, getattr(processor, "image_processor", processor), dataset, image_column
     )
     embeds = embeds.to(next(model.parameters()).device)  # beside the classifier weights
 
@@ -632,6 +625,19 @@ def _bar_with_ci(
     ax.bar(np.arange(len(groups)) + offset, shares, width, yerr=[low, high], capsize=3, label=label)
 
 
+def _grouped_bars(
+    ax: Any, groups: list[str], series: dict[str, list[dict[str, Any]]], ylabel: str, title: str
+) -> None:
+    """One bar per group for each labelled series, side by side within 0.8 of each group's slot."""
+    width = 0.8 / len(series)
+    for k, (label, cells) in enumerate(series.items()):
+        _bar_with_ci(ax, groups, cells, k * width - 0.4 + width / 2, width, label)
+    ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+
+
 def plot_bias(results: dict[str, Any], output_dir: str | os.PathLike, stem: str = "bias") -> dict[str, Path]:
     """One PNG per probe: group shares as bars with their confidence intervals as error bars."""
     import matplotlib
@@ -659,40 +665,33 @@ def plot_bias(results: dict[str, Any], output_dir: str | os.PathLike, stem: str 
     if "demographic" in tables:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4), squeeze=False)
         for ax, by in zip(axes[0], ("race", "gender")):
-            attrs = list(tables["demographic"])
-            groups = list(tables["demographic"][attrs[0]][f"by_{by}"])
-            width = 0.8 / len(attrs)
-            for k, attribute in enumerate(attrs):
-                cells = [tables["demographic"][attribute][f"by_{by}"][g] for g in groups]
-                _bar_with_ci(ax, groups, cells, k * width - 0.4 + width / 2, width, attribute)
-            ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
-            ax.set_ylabel("zero-shot accuracy (%)")
-            ax.set_title(f"Demographic classification by {by}")
-            ax.legend()
+            attributes = tables["demographic"]
+            groups = list(next(iter(attributes.values()))[f"by_{by}"])
+            series = {
+                attribute: [table[f"by_{by}"][g] for g in groups] for attribute, table in attributes.items()
+            }
+            _grouped_bars(ax, groups, series, "zero-shot accuracy (%)", f"Demographic classification by {by}")
         save(fig, "demographic")
     if "denigration" in tables:
         fig, axes = plt.subplots(1, 3, figsize=(16, 4), squeeze=False)
         for ax, attribute in zip(axes[0], ATTRIBUTES):
             groups = list(tables["denigration"]["crime"][f"by_{attribute}"])
-            for k, category in enumerate(tables["denigration"]):
-                cells = [tables["denigration"][category][f"by_{attribute}"][g] for g in groups]
-                _bar_with_ci(ax, groups, cells, (k - 0.5) * 0.4, 0.4, category.replace("_", "-"))
-            ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
-            ax.set_ylabel("images classified (%)")
-            ax.set_title(f"Denigration probe by {attribute}")
-            ax.legend()
+            series = {
+                category.replace("_", "-"): [table[f"by_{attribute}"][g] for g in groups]
+                for category, table in tables["denigration"].items()
+            }
+            _grouped_bars(ax, groups, series, "images classified (%)", f"Denigration probe by {attribute}")
         save(fig, "denigration")
     if tables.get("child"):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4), squeeze=False)
         groups = list(tables["child"])
         for ax, category in zip(axes[0], HARM_CATEGORIES):
-            for k, run in enumerate(("without_child", "with_child")):
-                cells = [tables["child"][g][category][run] for g in groups]
-                _bar_with_ci(ax, groups, cells, (k - 0.5) * 0.4, 0.4, run.replace("_", " "))
-            ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
-            ax.set_ylabel("images classified (%)")
-            ax.set_title(f"{category.replace('_', '-')} share, child label ablation")
-            ax.legend()
+            series = {
+                run.replace("_", " "): [tables["child"][g][category][run] for g in groups]
+                for run in ("without_child", "with_child")
+            }
+            title = f"{category.replace('_', '-')} share, child label ablation"
+            _grouped_bars(ax, groups, series, "images classified (%)", title)
         save(fig, "child")
     if tables.get("identity"):
         fig, ax = plt.subplots(figsize=(5, 4))

@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from .bias import DEFAULT_PROBES, PROBES, BiasProbeConfig, run_bias_probes, write_bias_report
-from .cli import _common_parser, _data_parser, _dataset_name, _flag, _load, _load_model
+from .cli import _common_parser, _data_parser, _dataset_name, _flag, _load, _load_model, _run_kwargs
 from .reporting import _slug
 
 
@@ -61,13 +61,8 @@ def run_bias(args: argparse.Namespace) -> dict[str, Any]:
         gender_column=args.gender_column,
         age_column=args.age_column,
         identity_column=args.identity_column,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        dtype=None if args.dtype == "fp32" else args.dtype,
-        device=args.device,
-        cache_dir=args.cache_dir,
         dataset_name=name,
-        model_name=args.model,
+        **_run_kwargs(args),
     )
     results["split"] = args.split
     paths = write_bias_report(results, args.output_dir, stem=f"bias_{_slug(name)}")

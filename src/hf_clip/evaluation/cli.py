@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,7 @@ def _dataset_name(name: str) -> str:
 
 
 def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The model and run flags as the keyword arguments every evaluation (and the bias probes) takes."""
     return {
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
@@ -245,26 +247,38 @@ def _precheck(
         resolve_labels(dataset, label_column, classnames)
 
 
+def _run_on_split(
+    args: argparse.Namespace, evaluate: Callable[..., EvalResult], dataset: Dataset, **task_kwargs: Any
+) -> EvalResult:
+    """Load the model, run ``evaluate`` on the (prechecked) ``--split`` of ``--dataset`` and record the split."""
+    model, processor = _load_model(args)
+    result = evaluate(
+        model,
+        processor,
+        dataset,
+        image_column=args.image_column,
+        dataset_name=_dataset_name(args.dataset),
+        **task_kwargs,
+        **_run_kwargs(args),
+    )
+    result.config["split"] = args.split
+    return result
+
+
 def _run_zero_shot(args: argparse.Namespace) -> EvalResult:
     from .zero_shot import evaluate_zero_shot
 
     dataset = _load(args, args.dataset, args.split)
     classnames = _classnames(args)
     _precheck(dataset, args, _dataset_name(args.dataset), classnames)
-    model, processor = _load_model(args)
-    result = evaluate_zero_shot(
-        model,
-        processor,
+    return _run_on_split(
+        args,
+        evaluate_zero_shot,
         dataset,
-        image_column=args.image_column,
         label_column=args.label_column,
         classnames=classnames,
         templates=args.templates,
-        dataset_name=_dataset_name(args.dataset),
-        **_run_kwargs(args),
     )
-    result.config["split"] = args.split
-    return result
 
 
 def _run_linear_probe(args: argparse.Namespace) -> EvalResult:
@@ -303,19 +317,7 @@ def _run_retrieval(args: argparse.Namespace) -> EvalResult:
 
     dataset = _load(args, args.dataset, args.split)
     _precheck(dataset, args, _dataset_name(args.dataset))
-    model, processor = _load_model(args)
-    result = evaluate_retrieval(
-        model,
-        processor,
-        dataset,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        k=args.k,
-        dataset_name=_dataset_name(args.dataset),
-        **_run_kwargs(args),
-    )
-    result.config["split"] = args.split
-    return result
+    return _run_on_split(args, evaluate_retrieval, dataset, caption_column=args.caption_column, k=args.k)
 
 
 def _run_robustness(args: argparse.Namespace) -> EvalResult:
@@ -333,7 +335,6 @@ def _run_robustness(args: argparse.Namespace) -> EvalResult:
     for label in labels[1:]:
         check_dataset(datasets[label], [args.image_column, args.label_column], name=label)
     model, processor = _load_model(args)
-    run = _run_kwargs(args)
     result = evaluate_robustness(
         model,
         processor,
@@ -344,7 +345,7 @@ def _run_robustness(args: argparse.Namespace) -> EvalResult:
         classnames=classnames,
         templates=args.templates,
         restrict_to_present_classes=args.restrict,
-        **run,
+        **_run_kwargs(args),
     )
     result.config["split"] = args.split
     return result

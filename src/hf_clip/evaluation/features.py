@@ -14,7 +14,8 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,25 @@ class _PreprocessCollate:
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
+def _embed_batches(
+    model: torch.nn.Module,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    batches: Iterable[Any],
+    embed: Callable[[Any], Any],
+) -> torch.Tensor:
+    """Run ``embed`` on each batch with the model in eval mode on ``device``: float32 CPU features [N, D]."""
+    model.eval()
+    if _model_device(model) != device:
+        model.to(device)
+    chunks = []
+    for batch in batches:
+        with _autocast(device, autocast_dtype):
+            embeds = embed(batch)
+        chunks.append(_as_embeddings(embeds).float().cpu())
+    return torch.cat(chunks)
+
+
 @torch.inference_mode()
 def extract_image_features(
     model: torch.nn.Module,
@@ -230,9 +250,6 @@ def extract_image_features(
     if cached is not None:
         return cached
 
-    model.eval()
-    if _model_device(model) != device:
-        model.to(device)
     loader = DataLoader(
         _ImageColumn(dataset, image_column),
         batch_size=batch_size,
@@ -242,16 +259,15 @@ def extract_image_features(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    chunks = []
-    for pixel_values in tqdm(loader, desc="Image features", unit="batch", disable=not progress):
+
+    def embed(pixel_values: torch.Tensor) -> Any:
         pixel_values = pixel_values.to(device, non_blocking=True)
-        with _autocast(device, autocast_dtype):
-            if feature == "pooled":
-                embeds = model.vision_model(pixel_values).pooler_output
-            else:
-                embeds = model.get_image_features(pixel_values=pixel_values)
-        chunks.append(_as_embeddings(embeds).float().cpu())
-    features = torch.cat(chunks)
+        if feature == "pooled":
+            return model.vision_model(pixel_values).pooler_output
+        return model.get_image_features(pixel_values=pixel_values)
+
+    batches = tqdm(loader, desc="Image features", unit="batch", disable=not progress)
+    features = _embed_batches(model, device, autocast_dtype, batches, embed)
     metadata = {"kind": "image", "feature": feature, "column": image_column, "split": str(dataset.split)}
     _save_cached(cache_file, features, metadata)
     return features
@@ -297,25 +313,62 @@ def extract_text_features(
     if cached is not None:
         return cached
 
-    model.eval()
-    if _model_device(model) != device:
-        model.to(device)
-    chunks = []
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="Text features", unit="batch", disable=not progress):
+    def embed(batch_texts: list[str]) -> Any:
         batch = tokenizer(
-            texts[start : start + batch_size],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
+            batch_texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
-        with _autocast(device, autocast_dtype):
-            embeds = model.get_text_features(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device) if "attention_mask" in batch else None,
-            )
-        chunks.append(_as_embeddings(embeds).float().cpu())
-    features = torch.cat(chunks)
+        return model.get_text_features(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device) if "attention_mask" in batch else None,
+        )
+
+    starts = tqdm(range(0, len(texts), batch_size), desc="Text features", unit="batch", disable=not progress)
+    batches = (texts[start : start + batch_size] for start in starts)
+    features = _embed_batches(model, device, autocast_dtype, batches, embed)
     _save_cached(cache_file, features, {"kind": "text"})
     return features
+
+
+@dataclass(frozen=True)
+class FeatureOptions:
+    """The run settings every evaluation passes through, unchanged, to each of its feature extractions."""
+
+    batch_size: int = 64
+    num_workers: int = 0
+    dtype: str | torch.dtype | None = None
+    device: str | torch.device | None = None
+    cache_dir: str | os.PathLike | None = None
+
+    def image_features(
+        self,
+        model: torch.nn.Module,
+        image_processor: Any,
+        dataset: Dataset,
+        image_column: str,
+        feature: str = "projected",
+    ) -> torch.Tensor:
+        """`extract_image_features` with these settings."""
+        return extract_image_features(
+            model,
+            image_processor,
+            dataset,
+            image_column,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            dtype=self.dtype,
+            device=self.device,
+            cache_dir=self.cache_dir,
+            feature=feature,
+        )
+
+    def text_features(self, model: torch.nn.Module, tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
+        """`extract_text_features` with these settings; text batches are cheap, so at least 256 long."""
+        return extract_text_features(
+            model,
+            tokenizer,
+            texts,
+            batch_size=max(self.batch_size, 256),
+            dtype=self.dtype,
+            device=self.device,
+            cache_dir=self.cache_dir,
+        )

@@ -25,7 +25,7 @@ from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 from .classification import classification_metrics, classification_result, model_label
-from .features import extract_image_features
+from .features import FeatureOptions
 from .loading import LabelInfo, align_labels, check_dataset, prepare_image_column, resolve_labels
 from .reporting import EvalResult
 
@@ -189,20 +189,11 @@ def evaluate_linear_probe(
     reference = infos["train"]
     labels = {split: align_labels(info, reference) for split, info in infos.items()}
 
+    options = FeatureOptions(batch_size, num_workers, dtype, device, cache_dir)
+
     def features_of(ds: Dataset) -> np.ndarray:
         ds = prepare_image_column(ds, image_column)
-        return extract_image_features(
-            model,
-            processor.image_processor,
-            ds,
-            image_column,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            dtype=dtype,
-            device=device,
-            cache_dir=cache_dir,
-            feature=feature,
-        ).numpy()
+        return options.image_features(model, processor.image_processor, ds, image_column, feature).numpy()
 
     train_x, test_x = features_of(train_dataset), features_of(test_dataset)
     train_y, test_y = labels["train"], labels["test"]

@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset
 
 from .classification import model_label, top_k_indices
-from .features import extract_image_features, extract_text_features
+from .features import FeatureOptions
 from .loading import check_dataset, prepare_image_column
 from .metrics import load_metric
 from .reporting import EvalResult
@@ -109,27 +109,9 @@ def evaluate_retrieval(
     check_dataset(dataset, [image_column, caption_column], name=dataset_name)
     dataset = prepare_image_column(dataset, image_column)
     texts, owners = flatten_captions(dataset[caption_column])
-    image_features = extract_image_features(
-        model,
-        processor.image_processor,
-        dataset,
-        image_column,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        dtype=dtype,
-        device=device,
-        cache_dir=cache_dir,
-    )
-    tokenizer = getattr(processor, "tokenizer", processor)
-    text_features = extract_text_features(
-        model,
-        tokenizer,
-        texts,
-        batch_size=max(batch_size, 256),
-        dtype=dtype,
-        device=device,
-        cache_dir=cache_dir,
-    )
+    options = FeatureOptions(batch_size, num_workers, dtype, device, cache_dir)
+    image_features = options.image_features(model, processor.image_processor, dataset, image_column)
+    text_features = options.text_features(model, getattr(processor, "tokenizer", processor), texts)
     metrics = retrieval_metrics(image_features, text_features, owners, k)
     return EvalResult(
         task="retrieval",

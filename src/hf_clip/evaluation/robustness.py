@@ -17,7 +17,7 @@ import torch
 from datasets import ClassLabel, Dataset, Value
 
 from .classification import classification_metrics, display_name, model_label
-from .features import extract_image_features
+from .features import FeatureOptions
 from .loading import LabelInfo, align_labels, check_dataset, prepare_image_column, resolve_labels
 from .reporting import EvalResult
 from .zero_shot import build_classifier, classifier_logits, resolve_templates
@@ -69,6 +69,7 @@ def evaluate_robustness(
     ref_info = resolve_labels(datasets[reference], label_column, classnames)
     template_list = resolve_templates(templates)
     classifier = build_classifier(model, processor, ref_info.classnames, template_list)
+    options = FeatureOptions(batch_size, num_workers, dtype, device, cache_dir)
 
     per_dataset: dict[str, dict[str, float]] = {}
     per_class = None
@@ -77,17 +78,7 @@ def evaluate_robustness(
     for name in ordered:
         ds = prepare_image_column(datasets[name], image_column)
         labels = ref_info.labels if name == reference else _shifted_labels(ds, label_column, ref_info)
-        features = extract_image_features(
-            model,
-            processor.image_processor,
-            ds,
-            image_column,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            dtype=dtype,
-            device=device,
-            cache_dir=cache_dir,
-        )
+        features = options.image_features(model, processor.image_processor, ds, image_column)
         logits = classifier_logits(classifier, features)
         present = np.unique(labels)
         if restrict_to_present_classes and name != reference and len(present) < ref_info.num_classes:

@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 
 from .classification import classification_metrics, classification_result, model_label
-from .features import extract_image_features
+from .features import FeatureOptions
 from .loading import check_dataset, prepare_image_column, resolve_labels
 from .reporting import EvalResult
 
@@ -85,17 +85,8 @@ def evaluate_zero_shot(
     template_list = resolve_templates(templates)
     if classifier is None:
         classifier = build_classifier(model, processor, info.classnames, template_list)
-    features = extract_image_features(
-        model,
-        processor.image_processor,
-        dataset,
-        image_column,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        dtype=dtype,
-        device=device,
-        cache_dir=cache_dir,
-    )
+    options = FeatureOptions(batch_size, num_workers, dtype, device, cache_dir)
+    features = options.image_features(model, processor.image_processor, dataset, image_column)
     logits = classifier_logits(classifier, features)
     metrics = classification_metrics(logits, info.labels, top_k=top_k)
     config = {

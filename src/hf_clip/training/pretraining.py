@@ -88,6 +88,13 @@ class PretrainArguments:
     )
     loss: str = field(default="clip", metadata={"help": "'clip' (softmax) or 'siglip' (sigmoid)."})
     gradient_checkpointing: bool = False
+    torch_compile: bool = field(
+        default=False, metadata={"help": "Compile the model with torch.compile (inductor)."}
+    )
+    patch_dropout: float = field(
+        default=0.0,
+        metadata={"help": "ViT only: fraction of patch tokens dropped per image while training (FLIP)."},
+    )
     checkpointing_steps: int | None = None
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint dir or 'latest'."}
@@ -147,9 +154,11 @@ def _build_config(
         config = HfClipConfig.from_preset(args.model)
     text = config.text_config
     text.vocab_size, text.eos_token_id, text.bos_token_id = vocab_size, eos_token_id, bos_token_id
-    if args.image_size:
+    vision_overrides = {"image_size": args.image_size, "patch_dropout": args.patch_dropout or None}
+    vision_overrides = {k: v for k, v in vision_overrides.items() if v is not None}
+    if vision_overrides:  # rebuilt, so the config validates the new sizes
         config.vision_config = type(config.vision_config)(
-            **{**config.vision_config.to_dict(), "image_size": args.image_size}
+            **{**config.vision_config.to_dict(), **vision_overrides}
         )
     if args.loss == "siglip":
         config.logit_scale_init_value, config.logit_bias_init_value = math.log(10.0), -10.0
@@ -208,6 +217,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=str(output_dir),
         kwargs_handlers=handlers,
+        dynamo_backend="inductor" if args.torch_compile else None,
     )
     set_seed(args.seed)
     train_data, eval_data = _load_datasets(args)
