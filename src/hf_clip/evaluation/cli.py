@@ -250,7 +250,7 @@ def _precheck(
 def _run_on_split(
     args: argparse.Namespace, evaluate: Callable[..., EvalResult], dataset: Dataset, **task_kwargs: Any
 ) -> EvalResult:
-    """Load the model, run ``evaluate`` on the (prechecked) ``--split`` of ``--dataset`` and record the split."""
+    """Load the model, run ``evaluate`` on the prechecked ``--split`` of ``--dataset``, record the split."""
     model, processor = _load_model(args)
     result = evaluate(
         model,

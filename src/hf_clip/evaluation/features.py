@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -347,18 +347,9 @@ class FeatureOptions:
         image_column: str,
         feature: str = "projected",
     ) -> torch.Tensor:
-        """`extract_image_features` with these settings."""
+        """`extract_image_features` with these settings (the fields are its keyword arguments)."""
         return extract_image_features(
-            model,
-            image_processor,
-            dataset,
-            image_column,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            dtype=self.dtype,
-            device=self.device,
-            cache_dir=self.cache_dir,
-            feature=feature,
+            model, image_processor, dataset, image_column, feature=feature, **asdict(self)
         )
 
     def text_features(self, model: torch.nn.Module, tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
