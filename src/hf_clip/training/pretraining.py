@@ -114,7 +114,7 @@ class PretrainArguments:
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The loss became NaN or inf: the run stops at that step instead of training on garbage."""
 
 
 def _load_datasets(args: PretrainArguments) -> tuple[Any, Any]:
