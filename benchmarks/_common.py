@@ -1,0 +1,478 @@
+"""Shared machinery of the model benchmarks: identical-weight models, interleaved timing, FLOPs, reports.
+
+Every speed claim compares hf_clip with the reference libraries in ONE process, on the SAME weights and
+inputs: an open_clip model with random weights (built under its `-quickgelu` name, the activation of
+OpenAI's weights) is converted in memory into hf_clip and, for ViTs, into transformers' `CLIPModel`.
+Repetitions alternate between the implementations (rotating who goes first), so a loaded or throttling
+machine slows all of them alike. Wall time and process CPU time are both recorded: on a shared machine
+the CPU time is the steadier of the two.
+
+The scripts are run from the repository root (`python benchmarks/bench_inference.py`); Python then puts
+benchmarks/ on the import path, which is how they find this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MODEL_NAMES = ("ViT-B-32", "ViT-B-16", "RN50")  # open_clip spellings; "-quickgelu" is appended
+IMPLEMENTATIONS = ("hf_clip", "open_clip", "transformers")
+DTYPES = ("fp32", "bf16")
+CONTEXT_LENGTH = 77
+
+
+# ----------------------------------------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu.")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name}: only cpu and cuda are supported.")
+    return device
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What a reader needs to reproduce or discount a figure: hardware, load, library versions."""
+    import open_clip
+    import transformers
+
+    info: dict[str, Any] = {
+        "device": device.type,
+        "cpu_model": cpu_model(),
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_start": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "open_clip": open_clip.__version__,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def fingerprint(info: Mapping[str, Any]) -> tuple:
+    """The hardware part of `machine_info`: results measured under the same fingerprint are comparable."""
+    return (
+        info.get("device"),
+        info.get("cpu_model"),
+        info.get("nproc"),
+        info.get("torch_threads"),
+        info.get("gpu"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Samples:
+    """Per-repetition seconds of one runner (one call each, or the mean of `inner` calls)."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    calls_per_rep: int = 1
+
+    @property
+    def wall_median(self) -> float:
+        return statistics.median(self.wall)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu)
+
+    def __add__(self, other: Samples) -> Samples:
+        """Repetition-wise sum: the time of doing both things in the same repetition."""
+        return Samples(
+            [a + b for a, b in zip(self.wall, other.wall, strict=True)],
+            [a + b for a, b in zip(self.cpu, other.cpu, strict=True)],
+            self.calls_per_rep,
+        )
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, inner: int = 1) -> tuple[float, float]:
+    """(wall, process CPU) seconds per call of `fn`, averaged over `inner` back-to-back calls.
+
+    Process CPU time counts every thread of this process, so with N busy threads it approaches N x wall;
+    it excludes time stolen by other processes, which wall time does not.
+    """
+    synchronize(device)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for _ in range(inner):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - wall0) / inner, (time.process_time() - cpu0) / inner
+
+
+def interleaved(
+    runners: Mapping[Hashable, Callable[[], object]],
+    device: torch.device,
+    warmup: int = 1,
+    repeats: int = 5,
+    inner: int = 1,
+    desc: str = "",
+    min_rep_seconds: float = 0.0,
+) -> dict[Hashable, Samples]:
+    """Run every runner once per repetition, rotating the order, after `warmup` untimed rounds.
+
+    Each timed repetition makes `inner` calls, raised for all runners alike until the slowest one's
+    repetition lasts `min_rep_seconds` (as timed in the last warm-up round): fast calls are otherwise
+    at the mercy of a single scheduler hiccup.
+    """
+    names = list(runners)
+    slowest = 0.0
+    for _ in range(warmup):
+        slowest = max(time_call(runners[name], device)[0] for name in names)
+    if warmup and min_rep_seconds > 0 and slowest > 0:
+        inner = max(inner, math.ceil(min_rep_seconds / slowest))
+    samples = {name: Samples(calls_per_rep=inner) for name in names}
+    for rep in tqdm(range(repeats), desc=desc, leave=False, disable=None):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            wall, cpu = time_call(runners[name], device, inner)
+            samples[name].wall.append(wall)
+            samples[name].cpu.append(cpu)
+    return samples
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU-seconds all processes (and the hypervisor, as steal) have used since boot, from /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class ContentionMeter:
+    """How much of the machine OTHER processes used while a block ran: the share of all cores' time that
+    was busy but not ours (0: we had the machine to ourselves; 0.5 on 2 cores: another job held one core).
+
+    With several compute threads this matters more than the share suggests: a parallel region waits for
+    its slowest thread, so one descheduled thread stalls all of them.
+    """
+
+    def __enter__(self) -> ContentionMeter:
+        self.others_share: float | None = None
+        self._start = (time.perf_counter(), time.process_time(), _machine_busy_seconds())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall0, cpu0, busy0 = self._start
+        busy1 = _machine_busy_seconds()
+        if busy0 is None or busy1 is None:
+            return
+        wall, own = time.perf_counter() - wall0, time.process_time() - cpu0
+        self.others_share = max(0.0, (busy1 - busy0 - own) / (wall * (os.cpu_count() or 1)))
+
+
+def set_threads(threads: int | None) -> None:
+    """Pin torch's intra-op threads (default: torch's choice, one per core)."""
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit("--threads must be at least 1.")
+        torch.set_num_threads(threads)
+
+
+def autocast(device: torch.device, dtype: str) -> AbstractContextManager:
+    """bf16 autocast (weights stay fp32, matmuls run in bf16) or nothing for fp32."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}; use one of {DTYPES}.")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class ModelSet:
+    """One architecture in every implementation, all holding the same weights."""
+
+    name: str
+    config: Any  # HfClipConfig
+    models: dict[str, nn.Module]
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision_config.image_size
+
+    @property
+    def tower(self) -> str:
+        return "resnet" if self.config.vision_config.vision_type == "resnet" else "vit"
+
+
+def _check_model_name(name: str) -> None:
+    if name not in MODEL_NAMES:
+        raise SystemExit(f"Unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}.")
+
+
+def create_open_clip(name: str) -> nn.Module:
+    """A randomly initialised open_clip CLIP with QuickGELU (no download: pretrained=None)."""
+    import open_clip
+
+    _check_model_name(name)
+    logging.disable(logging.WARNING)  # open_clip warns that no pretrained weights were loaded
+    try:
+        return open_clip.create_model(f"{name}-quickgelu", pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _load_transformers(config: Any, hf_state: Mapping[str, torch.Tensor]) -> nn.Module:
+    from transformers import CLIPModel
+    from transformers.initialization import no_init_weights
+
+    from hf_clip.convert.rules import invert_rules
+    from hf_clip.convert.transformers import config_to_transformers, transformers_rules
+
+    with no_init_weights():
+        model = CLIPModel(config_to_transformers(config))
+    model.load_state_dict(invert_rules(hf_state, transformers_rules(config)), strict=True)
+    return model
+
+
+def build_model_set(name: str, device: torch.device, seed: int = 0, transformers: bool = True) -> ModelSet:
+    """open_clip random weights, converted in memory into hf_clip (and transformers for ViTs)."""
+    from transformers.initialization import no_init_weights
+
+    from hf_clip import HfClipModel
+    from hf_clip.convert import infer_openai_config
+    from hf_clip.convert.openai import OPENAI_EXTRA_KEYS, openai_rules
+    from hf_clip.convert.rules import apply_rules
+
+    torch.manual_seed(seed)
+    reference = create_open_clip(name)
+    state = reference.state_dict()
+    config = infer_openai_config(state, "quick_gelu")
+    hf_state = apply_rules(state, openai_rules(config), OPENAI_EXTRA_KEYS, f"open_clip {name}")
+    with no_init_weights():
+        ours = HfClipModel(config)
+    ours.load_state_dict(hf_state, strict=True)
+    models = {"hf_clip": ours, "open_clip": reference}
+    if transformers and config.vision_config.vision_type == "vit":
+        models["transformers"] = _load_transformers(config, hf_state)
+    return ModelSet(name, config, {impl: model.to(device).eval() for impl, model in models.items()})
+
+
+def image_encoder(impl: str, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Each library's public call for projected, unnormalised image embeddings."""
+    if impl == "hf_clip":
+        return model.get_image_features
+    if impl == "open_clip":
+        return model.encode_image
+    return lambda pixels: model.get_image_features(pixel_values=pixels).pooler_output
+
+
+def text_encoder(impl: str, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Each library's public call for projected, unnormalised text embeddings."""
+    if impl == "hf_clip":
+        return model.get_text_features
+    if impl == "open_clip":
+        return model.encode_text
+    return lambda ids: model.get_text_features(input_ids=ids).pooler_output
+
+
+def make_inputs(
+    batch: int, image_size: int, vocab_size: int, device: torch.device, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian pixels and captions of 5-40 random tokens framed by start/end-of-text, padded with 0."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 3, image_size, image_size, generator=generator)
+    ids = torch.zeros(batch, CONTEXT_LENGTH, dtype=torch.long)
+    lengths = torch.randint(5, 41, (batch,), generator=generator).tolist()
+    for row, length in enumerate(lengths):
+        ids[row, 0] = vocab_size - 2
+        ids[row, 1 : length + 1] = torch.randint(1, vocab_size - 2, (length,), generator=generator)
+        ids[row, length + 1] = vocab_size - 1
+    return pixels.to(device), ids.to(device)
+
+
+def meta_hf_clip(config: Any) -> nn.Module:
+    """A weightless hf_clip model: FLOP counting needs shapes only (and on meta SDPA decomposes into
+    matmuls the counter sees, which the fused CPU kernel hides from it)."""
+    from hf_clip import HfClipModel
+
+    with torch.device("meta"):
+        return HfClipModel(config)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of matmuls, convolutions and attention in `fn` (forward and any backward it runs)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ------------------------------------------------------------------------------------------ matmul peak
+
+
+def matmul_runners(
+    device: torch.device, sizes: Sequence[int], dtypes: Sequence[str]
+) -> dict[tuple[str, int], Callable[[], object]]:
+    runners = {}
+    for dtype in dtypes:
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        for n in sizes:
+            a = torch.randn(n, n, device=device, dtype=torch_dtype)
+            b = torch.randn(n, n, device=device, dtype=torch_dtype)
+            out = torch.empty(n, n, device=device, dtype=torch_dtype)
+            runners[(dtype, n)] = lambda a=a, b=b, out=out: torch.mm(a, b, out=out)
+    return runners
+
+
+def load_corrected(flops: float, cpu_seconds: float) -> float:
+    """FLOP/s had this process kept all its threads busy: flops x torch threads / process CPU seconds.
+
+    On a CPU shared with other jobs, wall time includes the time the scheduler gave away; CPU time does
+    not. (Meaningless on a GPU, where the host mostly waits.)
+    """
+    return flops * torch.get_num_threads() / cpu_seconds
+
+
+def measure_matmul_peak(
+    device: torch.device,
+    sizes: Sequence[int],
+    dtypes: Sequence[str] = DTYPES,
+    repeats: int = 5,
+    inner: int = 1,
+    desc: str = "matmul",
+) -> dict[str, Any]:
+    """Median GEMM FLOP/s per (dtype, size), by wall and (CPU) by CPU time; a dtype's peak is its best size."""
+    samples = interleaved(matmul_runners(device, sizes, dtypes), device, 1, repeats, inner, desc)
+    by_size: dict[str, dict[str, Any]] = {dtype: {} for dtype in dtypes}
+    for (dtype, n), sample in samples.items():
+        flops = 2 * n**3
+        by_size[dtype][str(n)] = {
+            "flops_per_s": flops / sample.wall_median,
+            "flops_per_s_cpu": load_corrected(flops, sample.cpu_median) if device.type == "cpu" else None,
+            "wall_s": sample.wall,
+            "cpu_s": sample.cpu,
+        }
+    peaks = {
+        key: {dtype: max(e[key] for e in by_size[dtype].values()) for dtype in dtypes}
+        for key in ("flops_per_s", "flops_per_s_cpu")
+        if device.type == "cpu" or key == "flops_per_s"
+    }
+    return {"peak": peaks, "by_size": by_size}
+
+
+def matmul_peak_path(results_dir: Path, device: torch.device) -> Path:
+    """One file per device kind; CPU runs with a non-default thread count get their own."""
+    threads = torch.get_num_threads()
+    tag = f"_t{threads}" if device.type == "cpu" and threads != os.cpu_count() else ""
+    return results_dir / f"matmul_peak_{device.type}{tag}.json"
+
+
+def load_matmul_peak(results_dir: Path, device: torch.device, info: Mapping[str, Any]) -> dict[str, Any]:
+    """The GEMM peak saved by bench_matmul_peak.py on this hardware, else a short measurement now.
+
+    Returns {"source": ..., "flops_per_s": {dtype: peak}, "flops_per_s_cpu": {dtype: peak} (CPU only)}.
+    """
+    path = matmul_peak_path(results_dir, device)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if fingerprint(saved["machine"]) == fingerprint(info):
+            return {"source": path.name, **saved["peak"]}
+    sizes = (2048,) if device.type == "cpu" else (8192,)
+    measured = measure_matmul_peak(device, sizes, repeats=3, inner=1 if device.type == "cpu" else 20)
+    print(f"(no {path.name} from this machine: measured the GEMM peak at n={sizes[0]} instead)")
+    return {"source": f"inline n={sizes[0]}", **measured["peak"]}
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomic write: a crash never leaves a truncated results file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=1)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def results_path(results_dir: Path, stem: str, device: torch.device, quick: bool, suffix: str) -> Path:
+    return results_dir / f"{stem}_{device.type}{'_quick' if quick else ''}.{suffix}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ratio_chart(
+    path: Path, title: str, groups: Sequence[str], series: Mapping[str, Sequence[float]], target: float
+) -> None:
+    """Grouped bars of hf_clip / best-reference ratios, with parity (1.0) and the target marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / max(1, len(series))
+    top = min(2.0, 1.1 * max(max(values) for values in series.values()))
+    fig, ax = plt.subplots(figsize=(max(7.0, min(16.0, 1.0 + 1.1 * len(groups))), 4.5))
+    for i, (label, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        bars = ax.bar(xs, [min(v, top) for v in values], width, label=label)
+        ax.bar_label(
+            bars, labels=[f"{v:.2f}" + ("^" if v > top else "") for v in values], fontsize=7, padding=1
+        )
+    ax.set_ylim(0.5, top * 1.05)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(target, color="tab:red", linestyle="--", linewidth=0.8, label=f"target {target:.2f}x")
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel("hf_clip vs best reference (>1: hf_clip better)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,292 @@
+"""Image and text embedding throughput: hf_clip vs open_clip vs transformers' CLIPModel (ViT only).
+
+The three implementations hold identical random weights (see _common.py) and embed identical inputs
+(Gaussian pixels, captions of 5-40 tokens). Each configuration (model, dtype, batch) times image and text
+embedding for every implementation once per repetition, rotating the order, after a warm-up round.
+Reported per implementation: images/s, texts/s, and image+text pairs/s (both towers on the same batch);
+the ratio hf_clip / best reference (>1: hf_clip is faster) by wall time and by process CPU time; and
+hf_clip's achieved FLOP/s as a share of the machine's GEMM peak (bench_matmul_peak.py). bf16 means autocast
+around each call, weights kept in fp32, as a user would run a fp32 checkpoint.
+
+    python benchmarks/bench_inference.py [--models ViT-B-32 ViT-B-16 RN50] [--batch-sizes 1 32]
+        [--dtypes fp32 bf16] [--repeats 3] [--channels-last] [--compile] [--quick] [--device cpu|cuda]
+
+Results: results/inference_<device>[_quick].json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import _common as common
+import torch
+
+TARGET = 1.05  # issue 7: at least 5% faster than the faster reference
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(common.MODEL_NAMES), choices=common.MODEL_NAMES)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--dtypes", nargs="+", default=list(common.DTYPES), choices=common.DTYPES)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (more with --compile)")
+    parser.add_argument("--inner", type=int, default=1, help="calls per timed repetition (use >1 on GPU)")
+    parser.add_argument(
+        "--min-rep-seconds",
+        type=float,
+        default=0.5,
+        help="raise the calls per repetition until one lasts this long (steadies fast batch-1 timings)",
+    )
+    parser.add_argument("--channels-last", action="store_true", help="ResNet: channels-last weights/inputs")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every implementation")
+    parser.add_argument("--no-transformers", action="store_true", help="skip transformers' CLIPModel")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: ViT-B-32, batches 1 and 4, 2 repeats"
+    )
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: one per core)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
+    parser.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.batch_sizes, args.repeats = ["ViT-B-32"], [1, 4], 2
+    if args.repeats < 1 or args.warmup < 0 or args.inner < 1 or min(args.batch_sizes) < 1:
+        parser.error("--repeats, --inner and batch sizes must be positive; --warmup non-negative.")
+    return args
+
+
+def _encoders(model_set: common.ModelSet, args: argparse.Namespace) -> dict[tuple[str, str], Any]:
+    encoders = {}
+    for impl, model in model_set.models.items():
+        if args.channels_last and model_set.tower == "resnet":
+            model.to(memory_format=torch.channels_last)
+        for task, make in (("image", common.image_encoder), ("text", common.text_encoder)):
+            fn = make(impl, model)
+            encoders[(impl, task)] = torch.compile(fn) if args.compile else fn
+    return encoders
+
+
+def check_parity(model_set: common.ModelSet, device: torch.device) -> dict[str, float]:
+    """Max |difference| of each reference's fp32 embeddings from hf_clip's: the benchmark compares like
+    with like only if this is at float32 rounding level."""
+    config = model_set.config
+    pixels, ids = common.make_inputs(2, model_set.image_size, config.text_config.vocab_size, device, seed=1)
+    diffs = {}
+    with torch.inference_mode():
+        ours = {
+            "image": common.image_encoder("hf_clip", model_set.models["hf_clip"])(pixels),
+            "text": common.text_encoder("hf_clip", model_set.models["hf_clip"])(ids),
+        }
+        for impl, model in model_set.models.items():
+            if impl == "hf_clip":
+                continue
+            for task, make, inputs in (
+                ("image", common.image_encoder, pixels),
+                ("text", common.text_encoder, ids),
+            ):
+                diff = (make(impl, model)(inputs) - ours[task]).abs().max().item()
+                if diff > 1e-3:
+                    raise RuntimeError(
+                        f"{impl} {task} embeddings differ from hf_clip's by {diff:.3g}: not the same model."
+                    )
+                diffs[f"{impl}/{task}"] = diff
+    return diffs
+
+
+def _summarise(
+    samples: dict,
+    impls: list[str],
+    batch: int,
+    flops: dict[str, int],
+    peak: dict,
+    dtype: str,
+    device: torch.device,
+) -> dict[str, Any]:
+    per_impl = {}
+    for impl in impls:
+        image, text = samples[(impl, "image")], samples[(impl, "text")]
+        pair = image + text
+        entry = {
+            "images_per_s": batch / image.wall_median,
+            "texts_per_s": batch / text.wall_median,
+            "pairs_per_s": batch / pair.wall_median,
+            "pair_cpu_s_per_batch": pair.cpu_median,
+            "samples": {task: vars(s) for task, s in (("image", image), ("text", text))},
+        }
+        total = flops["image"] + flops["text"]
+        entry["pair_flops_per_s"] = total / pair.wall_median
+        entry["pct_peak"] = 100 * entry["pair_flops_per_s"] / peak["flops_per_s"][dtype]
+        if device.type == "cpu":
+            entry["pct_peak_load_corrected"] = (
+                100 * common.load_corrected(total, pair.cpu_median) / peak["flops_per_s_cpu"][dtype]
+            )
+        per_impl[impl] = entry
+    references = [impl for impl in impls if impl != "hf_clip"]
+    ours = per_impl["hf_clip"]
+    ratios = {}
+    for key, name in (("images_per_s", "image"), ("texts_per_s", "text"), ("pairs_per_s", "pair")):
+        ratios[name] = ours[key] / max(per_impl[ref][key] for ref in references)
+    # By CPU time: the least CPU-seconds per batch among the references over hf_clip's.
+    ratios["pair_cpu"] = (
+        min(per_impl[ref]["pair_cpu_s_per_batch"] for ref in references) / ours["pair_cpu_s_per_batch"]
+    )
+    best = max(references, key=lambda ref: per_impl[ref]["pairs_per_s"])
+    return {"implementations": per_impl, "ratios": ratios, "best_reference": best, "flops": flops}
+
+
+def bench_model(
+    name: str, args: argparse.Namespace, device: torch.device, peak: dict
+) -> list[dict[str, Any]]:
+    model_set = common.build_model_set(name, device, transformers=not args.no_transformers)
+    parity = check_parity(model_set, device)
+    encoders = _encoders(model_set, args)
+    impls = list(model_set.models)
+    meta = common.meta_hf_clip(model_set.config)
+    vocab = model_set.config.text_config.vocab_size
+    rows = []
+    for dtype in args.dtypes:
+        for batch in args.batch_sizes:
+            pixels, ids = common.make_inputs(batch, model_set.image_size, vocab, device)
+            if args.channels_last and model_set.tower == "resnet":
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            meta_pixels, meta_ids = pixels.to("meta"), ids.to("meta")
+            with torch.no_grad():
+                flops = {
+                    "image": common.count_flops(lambda p=meta_pixels: meta.get_image_features(p)),
+                    "text": common.count_flops(lambda i=meta_ids: meta.get_text_features(i)),
+                }
+
+            def runner(fn: Any, inputs: torch.Tensor, dtype: str = dtype) -> Any:
+                def run() -> Any:
+                    with torch.inference_mode(), common.autocast(device, dtype):
+                        return fn(inputs)
+
+                return run
+
+            runners = {
+                (impl, task): runner(encoders[(impl, task)], pixels if task == "image" else ids)
+                for impl in impls
+                for task in ("image", "text")
+            }
+            with common.ContentionMeter() as contention:
+                samples = common.interleaved(
+                    runners,
+                    device,
+                    args.warmup,
+                    args.repeats,
+                    args.inner,
+                    desc=f"{name} {dtype} b{batch}",
+                    min_rep_seconds=args.min_rep_seconds,
+                )
+            row = {
+                "model": name,
+                "dtype": dtype,
+                "batch": batch,
+                "others_cpu_share": contention.others_share,
+                "parity_max_abs_diff": parity,
+            }
+            row.update(_summarise(samples, impls, batch, flops, peak, dtype, device))
+            rows.append(row)
+            _print_row(row, impls)
+    return rows
+
+
+def _print_row(row: dict[str, Any], impls: list[str]) -> None:
+    per = row["implementations"]
+    speeds = "  ".join(f"{impl} {per[impl]['pairs_per_s']:7.2f}" for impl in impls)
+    r = row["ratios"]
+    print(
+        f"{row['model']:9s} {row['dtype']} b{row['batch']:<3d} pairs/s: {speeds} | hf_clip/best: pair {r['pair']:.3f} "
+        f"(image {r['image']:.3f}, text {r['text']:.3f}, CPU-time {r['pair_cpu']:.3f}) | "
+        f"hf_clip {per['hf_clip']['pair_flops_per_s'] / 1e9:.0f} GFLOP/s = {per['hf_clip']['pct_peak']:.0f}% of peak"
+        + _contention(row),
+        flush=True,
+    )
+
+
+def _contention(row: dict[str, Any]) -> str:
+    share = row["others_cpu_share"]
+    return "" if share is None else f" | others used {100 * share:.0f}% of the CPUs"
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    headers = (
+        "model",
+        "dtype",
+        "batch",
+        "hf_clip pairs/s",
+        "open_clip",
+        "transformers",
+        "ratio pair (image, text)",
+        "ratio CPU-time",
+        "hf_clip % peak (load-corr.)",
+    )
+    lines = []
+    for row in rows:
+        per, r = row["implementations"], row["ratios"]
+        ours = per["hf_clip"]
+        pct = f"{ours['pct_peak']:.0f}%"
+        if "pct_peak_load_corrected" in ours:
+            pct += f" ({ours['pct_peak_load_corrected']:.0f}%)"
+        lines.append(
+            (
+                row["model"],
+                row["dtype"],
+                row["batch"],
+                f"{ours['pairs_per_s']:.2f}",
+                f"{per['open_clip']['pairs_per_s']:.2f}",
+                f"{per['transformers']['pairs_per_s']:.2f}" if "transformers" in per else "-",
+                f"**{r['pair']:.3f}** ({r['image']:.3f}, {r['text']:.3f})",
+                f"{r['pair_cpu']:.3f}",
+                pct,
+            )
+        )
+    return common.markdown_table(headers, lines)
+
+
+def write_chart(data: dict[str, Any], path: Path) -> None:
+    """Bar chart of the image, text and pair ratios of a results file."""
+    rows, info = data["results"], data["machine"]
+    groups = [f"{r['model']}\n{r['dtype']} b{r['batch']}" for r in rows]
+    series = {task: [r["ratios"][task] for r in rows] for task in ("image", "text", "pair")}
+    where = f"{info.get('gpu') or info['cpu_model']}, {info['torch_threads']} threads"
+    title = f"Embedding throughput, hf_clip / faster reference (wall time)\n{where}"
+    common.ratio_chart(path, title, groups, series, data["target_ratio"])
+
+
+def main() -> None:
+    args = parse_args()
+    device = common.parse_device(args.device)
+    common.set_threads(args.threads)
+    info = common.machine_info(device)
+    peak = common.load_matmul_peak(args.results_dir, device, info)
+    rows = []
+    for name in args.models:
+        rows.extend(bench_model(name, args, device, peak))
+    info["loadavg_end"] = list(os.getloadavg())
+    table = _table(rows)
+    print(table)
+    print(
+        f"machine: {info['cpu_model']}, nproc {info['nproc']}, threads {info['torch_threads']}, "
+        f"load average {info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}"
+    )
+    options = {k: v for k, v in vars(args).items() if k != "results_dir"}
+    data = {
+        "machine": info,
+        "matmul_peak": peak,
+        "options": options,
+        "target_ratio": TARGET,
+        "results": rows,
+        "table": table,
+    }
+    json_path = common.results_path(args.results_dir, "inference", device, args.quick, "json")
+    common.write_json(json_path, data)
+    write_chart(data, json_path.with_suffix(".png"))
+    print(f"wrote {json_path} and {json_path.with_suffix('.png').name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The machine's measured GEMM peak (fp32 and bf16): the denominator of every "% of peak" figure.
+
+Square matrix products of several sizes, repetitions interleaved across sizes and dtypes; the peak of a
+dtype is the median FLOP/s of its best size. bench_inference.py and bench_training.py read the saved
+results/matmul_peak_<device>.json when it was measured on the same hardware (CPU model, core count,
+torch threads, GPU), and otherwise measure one size themselves.
+
+    python benchmarks/bench_matmul_peak.py [--device cpu|cuda] [--sizes 1024 2048 4096] [--repeats 5] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import _common as common
+import torch
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
+    parser.add_argument("--sizes", type=int, nargs="+", help="matrix sizes n (n x n @ n x n)")
+    parser.add_argument("--dtypes", nargs="+", default=list(common.DTYPES), choices=common.DTYPES)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--inner", type=int, help="products per timed repetition (default 1 on CPU, 20 on GPU)"
+    )
+    parser.add_argument("--quick", action="store_true", help="one size, three repetitions (smoke run)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: one per core)")
+    parser.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1.")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    device = common.parse_device(args.device)
+    common.set_threads(args.threads)
+    on_gpu = device.type == "cuda"
+    sizes = args.sizes or ([4096, 8192, 16384] if on_gpu else [1024, 2048, 4096])
+    repeats = args.repeats
+    if args.quick:
+        sizes, repeats = sizes[1:2], 3
+    inner = args.inner or (20 if on_gpu else 1)
+    info = common.machine_info(device)
+    with common.ContentionMeter() as contention:
+        result = common.measure_matmul_peak(device, sizes, args.dtypes, repeats, inner)
+    info["others_cpu_share"] = contention.others_share
+    info["loadavg_end"] = list(os.getloadavg())
+
+    rows = []
+    for dtype, entries in result["by_size"].items():
+        for n, entry in entries.items():
+            cpu = entry["flops_per_s_cpu"]
+            rows.append(
+                (dtype, n, f"{entry['flops_per_s'] / 1e9:,.1f}", "-" if cpu is None else f"{cpu / 1e9:,.1f}")
+            )
+    print(common.markdown_table(("dtype", "n", "GFLOP/s (wall)", "GFLOP/s (load-corrected)"), rows))
+    for key, peaks in result["peak"].items():
+        for dtype, peak in peaks.items():
+            print(f"peak {dtype} ({key}): {peak / 1e9:,.1f} GFLOP/s")
+    print(
+        f"machine: {info['cpu_model']}, nproc {info['nproc']}, torch threads {info['torch_threads']}, "
+        f"load average {info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}"
+    )
+
+    data = {"machine": info, "sizes": sizes, "repeats": repeats, "inner": inner, **result}
+    path = common.matmul_peak_path(args.results_dir, device)
+    if args.quick:
+        path = path.with_name(path.stem + "_quick.json")
+    common.write_json(path, data)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
