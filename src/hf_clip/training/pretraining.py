@@ -465,12 +465,17 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     if state_dict is not None:
-        state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}  # torch.compile's wrapper
+        state_dict = {
+            k.removeprefix("_orig_mod."): v for k, v in state_dict.items()
+        }  # torch.compile's wrapper
         state_dict = {k: v.reshape(()) if k in scalars_names else v for k, v in state_dict.items()}
     if accelerator.is_main_process:
         raw_model.save_pretrained(output_dir, state_dict=state_dict)
         processor.save_pretrained(output_dir)
         (output_dir / "results.json").write_text(json.dumps({"steps": step, "metrics": metrics}, indent=2))
+    # Every rank tears the process group down together: a rank that destroys it (and exits) while another is
+    # still saving can leave gloo worker threads holding tensors at interpreter exit, which aborts the process.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
 
