@@ -147,6 +147,32 @@ def test_text_pooling_ignores_padding_style():
     garbage = ids.clone()
     garbage[ids == 0] = 555
     assert torch.allclose(model.get_text_features(ids), model.get_text_features(garbage), atol=1e-6)
+    full = model.text_model(garbage).pooler_output  # all 77 positions run, garbage included
+    assert torch.allclose(model.text_model(ids).pooler_output, full, atol=1e-6)
+
+
+def test_trimming_after_end_of_text_changes_no_embedding():
+    model = HfClipModel(tiny_config()).eval()
+    ids = ids_batch()  # longest caption ends at position 11
+    trimmed = model.text_model(ids, trim=True)
+    full = model.text_model(ids)
+    assert trimmed.last_hidden_state.shape[1] == 12 and full.last_hidden_state.shape[1] == 77
+    torch.testing.assert_close(trimmed.pooler_output, full.pooler_output, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        model.get_text_features(ids), model.text_projection(full.pooler_output), rtol=1e-5, atol=1e-6
+    )
+    px = pixels(model.config)
+    out = model(input_ids=ids, pixel_values=px)
+    assert out.text_model_output.last_hidden_state.shape[1] == 12
+    with_states = model(input_ids=ids, pixel_values=px, output_hidden_states=True)
+    assert with_states.text_model_output.last_hidden_state.shape[1] == 77
+    torch.testing.assert_close(out.logits_per_image, with_states.logits_per_image, rtol=1e-5, atol=1e-5)
+    # No end-of-text token anywhere: nothing can be trimmed, the last position is read.
+    no_eos = torch.randint(1, 1000, (2, 77))
+    assert model.text_model(no_eos, trim=True).last_hidden_state.shape[1] == 77
+    # The text models users read hidden states from (e.g. diffusion pipelines) always keep all positions.
+    text_model = HfClipTextModelWithProjection(model.config.text_config).eval()
+    assert text_model(ids).last_hidden_state.shape[1] == 77
 
 
 @pytest.mark.parametrize("vision_type", ["vit", "resnet"])
@@ -216,7 +242,7 @@ def test_auto_classes_save_load_and_dtype(tmp_path):
     assert bf16.dtype == torch.bfloat16
     assert bf16.get_image_features(pixels(cfg)).dtype == torch.bfloat16
     text = HfClipTextModelWithProjection.from_pretrained(tmp_path).eval()
-    assert torch.allclose(text(ids).text_embeds, model.get_text_features(ids))
+    assert torch.allclose(text(ids).text_embeds, model.get_text_features(ids), atol=1e-6)
     vision = HfClipVisionModelWithProjection.from_pretrained(tmp_path).eval()
     assert torch.allclose(vision(pixels(cfg)).image_embeds, model.get_image_features(pixels(cfg)))
     assert HfClipTextModel.from_pretrained(tmp_path)(ids).pooler_output.shape == (3, 64)

@@ -283,24 +283,36 @@ class HfClipTextTransformer(HfClipPreTrainedModel):
         self.post_init()
 
     def forward(
-        self, input_ids: torch.Tensor, output_hidden_states: bool = False
+        self, input_ids: torch.Tensor, output_hidden_states: bool = False, trim: bool = False
     ) -> BaseModelOutputWithPooling:
+        """`trim=True` drops the positions after the batch's last end-of-text token before running the
+        encoder: under the causal mask they never reach the pooled features, so `pooler_output` is unchanged
+        while a short caption padded to 77 tokens costs only its own length. `last_hidden_state` then stops
+        at that position."""
         seq = input_ids.shape[-1]
         if seq > self.config.max_position_embeddings:
             raise ValueError(
                 f"Text is {seq} tokens long but the model's context is {self.config.max_position_embeddings}; "
                 "tokenize with truncation=True, max_length=77."
             )
-        x = self.embeddings.token_embedding(input_ids) + self.embeddings.position_embedding.weight[:seq]
-        x, states = self.encoder(x, self.causal_mask, output_hidden_states)
-        x = self.final_layer_norm(x)
         # First end-of-text position: correct whether padding uses 0 or the end-of-text id itself.
         is_eos = input_ids == self.config.eos_token_id
         first_eos = is_eos.int().argmax(-1)
-        last = torch.full_like(first_eos, seq - 1)
-        index = torch.where(is_eos.any(-1), first_eos, last)
+        index = torch.where(is_eos.any(-1), first_eos, torch.full_like(first_eos, seq - 1))
+        if trim and not output_hidden_states and _can_trim(input_ids):
+            seq = int(index.max()) + 1 if index.numel() else seq
+            input_ids = input_ids[:, :seq]
+        x = self.embeddings.token_embedding(input_ids) + self.embeddings.position_embedding.weight[:seq]
+        x, states = self.encoder(x, self.causal_mask, output_hidden_states)
+        x = self.final_layer_norm(x)
         pooled = x[torch.arange(x.shape[0], device=x.device), index]
         return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states)
+
+
+def _can_trim(input_ids: torch.Tensor) -> bool:
+    """Trimming reads the end-of-text positions on the host: not possible while tracing or compiling (a
+    data-dependent shape) or on the meta device."""
+    return not (input_ids.device.type == "meta" or torch.jit.is_tracing() or torch.compiler.is_compiling())
 
 
 def _drop_patches(x: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -642,7 +654,7 @@ class HfClipModel(HfClipPreTrainedModel):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> torch.Tensor:
         """Projected, unnormalised text embeddings [batch, projection_dim]."""
-        return self.text_projection(self.text_model(input_ids).pooler_output)
+        return self.text_projection(self.text_model(input_ids, trim=True).pooler_output)
 
     def get_image_features(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs: Any
@@ -661,13 +673,16 @@ class HfClipModel(HfClipPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> HfClipOutput | tuple[Any, ...]:
+        """Contrastive logits (and the loss with `return_loss=True`). Captions are trimmed after the batch's
+        last end-of-text token, which changes no embedding, so `text_model_output.last_hidden_state` is that
+        long; `output_hidden_states=True` runs all positions."""
         if input_ids is None or pixel_values is None:
             raise ValueError(
                 "HfClipModel.forward needs both input_ids and pixel_values; use get_text_features or "
                 "get_image_features for one modality."
             )
         vision_out = self.vision_model(pixel_values, interpolate_pos_encoding, output_hidden_states)
-        text_out = self.text_model(input_ids, output_hidden_states=output_hidden_states)
+        text_out = self.text_model(input_ids, output_hidden_states=output_hidden_states, trim=True)
         image_embeds = _normalize(self.visual_projection(vision_out.pooler_output))
         text_embeds = _normalize(self.text_projection(text_out.pooler_output))
         scale = self.logit_scale.exp()
