@@ -17,7 +17,12 @@ from hf_clip.training.pretraining import NonFiniteLossError, _checkpoints
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {
     "projection_dim": 32,
-    "text_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 1, "max_position_embeddings": 24},
+    "text_config": {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 1,
+        "max_position_embeddings": 24,
+    },
     "vision_config": {"image_size": 32, "patch_size": 16, "hidden_size": 32, "num_hidden_layers": 1},
 }
 
@@ -55,7 +60,9 @@ def test_builtin_run_saves_a_loadable_model(tmp_path):
     from transformers import AutoModel, AutoProcessor, pipeline
 
     metrics = run_pretraining(tiny_args(tmp_path))
-    assert set(metrics) == {f"zero_shot_top1/{a}" for a in ("shape", "color", "size", "position", "combination")}
+    assert set(metrics) == {
+        f"zero_shot_top1/{a}" for a in ("shape", "color", "size", "position", "combination")
+    }
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     run = tmp_path / "run"
     assert (run / "model.safetensors").exists() and (run / "results.json").exists()
@@ -164,7 +171,9 @@ def test_non_finite_loss_names_the_step(tmp_path, monkeypatch):
 
 
 def test_gradcache_accumulation_runs(tmp_path):
-    run_pretraining(tiny_args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=4, max_steps=2))
+    run_pretraining(
+        tiny_args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=4, max_steps=2)
+    )
     assert len(logged_losses(tmp_path / "run")) == 2
 
 
@@ -176,14 +185,27 @@ def _launch(tmp_path: Path, extra: list[str], *launcher: str) -> subprocess.Comp
         if v is not None and k not in ("max_steps",) and not isinstance(v, bool)
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(ROOT / "examples" / "pretrain.py")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launcher,
+        str(ROOT / "examples" / "pretrain.py"),
+    ]
     return subprocess.run(
-        [*cmd, *cli, "--max_steps=3", *extra], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+        [*cmd, *cli, "--max_steps=3", *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
     )
 
 
 def test_two_processes_bf16(tmp_path):
-    run = _launch(tmp_path, [], "--cpu", "--num_processes=2", "--mixed_precision=bf16", "--main_process_port=29531")
+    run = _launch(
+        tmp_path, [], "--cpu", "--num_processes=2", "--mixed_precision=bf16", "--main_process_port=29531"
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "zero_shot_top1/combination" in run.stdout
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
