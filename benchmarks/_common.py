@@ -149,24 +149,31 @@ def interleaved(
     inner: int = 1,
     desc: str = "",
     min_rep_seconds: float = 0.0,
+    probes: Mapping[Hashable, Callable[[], object]] | None = None,
 ) -> dict[Hashable, Samples]:
     """Run every runner once per repetition, rotating the order, after `warmup` untimed rounds.
 
     Each timed repetition makes `inner` calls, raised for all runners alike until the slowest one's
     repetition lasts `min_rep_seconds` (as timed in the last warm-up round): fast calls are otherwise
-    at the mercy of a single scheduler hiccup.
+    at the mercy of a single scheduler hiccup. `probes` (e.g. `gemm_probe`) join the rotation with one
+    call per repetition; their samples are returned alongside.
     """
     names = list(runners)
     slowest = 0.0
     for _ in range(warmup):
         slowest = max(time_call(runners[name], device)[0] for name in names)
+        for probe in (probes or {}).values():
+            probe()
     if warmup and min_rep_seconds > 0 and slowest > 0:
         inner = max(inner, math.ceil(min_rep_seconds / slowest))
-    samples = {name: Samples(calls_per_rep=inner) for name in names}
+    calls = {name: inner for name in names} | {name: 1 for name in probes or {}}
+    everything = {**runners, **(probes or {})}
+    order = list(everything)
+    samples = {name: Samples(calls_per_rep=calls[name]) for name in order}
     for rep in tqdm(range(repeats), desc=desc, leave=False, disable=None):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            wall, cpu = time_call(runners[name], device, inner)
+        shift = rep % len(order)
+        for name in order[shift:] + order[:shift]:
+            wall, cpu = time_call(everything[name], device, calls[name])
             samples[name].wall.append(wall)
             samples[name].cpu.append(cpu)
     return samples
@@ -325,6 +332,14 @@ def make_inputs(
     return pixels.to(device), ids.to(device)
 
 
+def text_positions_run(ids: torch.Tensor, eos_token_id: int) -> int:
+    """Positions hf_clip's text tower runs for this batch: up to the last first-end-of-text token (it trims
+    the rest, which cannot reach the embedding); the references run all of them."""
+    is_eos = ids == eos_token_id
+    index = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), ids.shape[-1] - 1)
+    return int(index.max()) + 1
+
+
 def meta_hf_clip(config: Any) -> nn.Module:
     """A weightless hf_clip model: FLOP counting needs shapes only (and on meta SDPA decomposes into
     matmuls the counter sees, which the fused CPU kernel hides from it)."""
@@ -345,27 +360,12 @@ def count_flops(fn: Callable[[], object]) -> int:
 # ------------------------------------------------------------------------------------------ matmul peak
 
 
-def matmul_runners(
-    device: torch.device, sizes: Sequence[int], dtypes: Sequence[str]
-) -> dict[tuple[str, int], Callable[[], object]]:
-    runners = {}
-    for dtype in dtypes:
-        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        for n in sizes:
-            a = torch.randn(n, n, device=device, dtype=torch_dtype)
-            b = torch.randn(n, n, device=device, dtype=torch_dtype)
-            out = torch.empty(n, n, device=device, dtype=torch_dtype)
-            runners[(dtype, n)] = lambda a=a, b=b, out=out: torch.mm(a, b, out=out)
-    return runners
-
-
-def load_corrected(flops: float, cpu_seconds: float) -> float:
-    """FLOP/s had this process kept all its threads busy: flops x torch threads / process CPU seconds.
-
-    On a CPU shared with other jobs, wall time includes the time the scheduler gave away; CPU time does
-    not. (Meaningless on a GPU, where the host mostly waits.)
-    """
-    return flops * torch.get_num_threads() / cpu_seconds
+def _gemm(device: torch.device, dtype: str, n: int) -> Callable[[], object]:
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=torch_dtype)
+    b = torch.randn(n, n, device=device, dtype=torch_dtype)
+    out = torch.empty(n, n, device=device, dtype=torch_dtype)
+    return lambda: torch.mm(a, b, out=out)
 
 
 def measure_matmul_peak(
@@ -376,23 +376,14 @@ def measure_matmul_peak(
     inner: int = 1,
     desc: str = "matmul",
 ) -> dict[str, Any]:
-    """Median GEMM FLOP/s per (dtype, size), by wall and (CPU) by CPU time; a dtype's peak is its best size."""
-    samples = interleaved(matmul_runners(device, sizes, dtypes), device, 1, repeats, inner, desc)
+    """Median GEMM FLOP/s per (dtype, size); a dtype's peak is its best size."""
+    runners = {(dtype, n): _gemm(device, dtype, n) for dtype in dtypes for n in sizes}
+    samples = interleaved(runners, device, 1, repeats, inner, desc)
     by_size: dict[str, dict[str, Any]] = {dtype: {} for dtype in dtypes}
     for (dtype, n), sample in samples.items():
-        flops = 2 * n**3
-        by_size[dtype][str(n)] = {
-            "flops_per_s": flops / sample.wall_median,
-            "flops_per_s_cpu": load_corrected(flops, sample.cpu_median) if device.type == "cpu" else None,
-            "wall_s": sample.wall,
-            "cpu_s": sample.cpu,
-        }
-    peaks = {
-        key: {dtype: max(e[key] for e in by_size[dtype].values()) for dtype in dtypes}
-        for key in ("flops_per_s", "flops_per_s_cpu")
-        if device.type == "cpu" or key == "flops_per_s"
-    }
-    return {"peak": peaks, "by_size": by_size}
+        by_size[dtype][str(n)] = {"flops_per_s": 2 * n**3 / sample.wall_median, **vars(sample)}
+    peak = {dtype: max(e["flops_per_s"] for e in by_size[dtype].values()) for dtype in dtypes}
+    return {"peak_flops_per_s": peak, "by_size": by_size}
 
 
 def matmul_peak_path(results_dir: Path, device: torch.device) -> Path:
@@ -403,19 +394,33 @@ def matmul_peak_path(results_dir: Path, device: torch.device) -> Path:
 
 
 def load_matmul_peak(results_dir: Path, device: torch.device, info: Mapping[str, Any]) -> dict[str, Any]:
-    """The GEMM peak saved by bench_matmul_peak.py on this hardware, else a short measurement now.
-
-    Returns {"source": ..., "flops_per_s": {dtype: peak}, "flops_per_s_cpu": {dtype: peak} (CPU only)}.
-    """
+    """{"source": file, dtype: FLOP/s} from bench_matmul_peak.py on this hardware, or {} if there is none."""
     path = matmul_peak_path(results_dir, device)
     if path.is_file():
         saved = json.loads(path.read_text())
-        if fingerprint(saved["machine"]) == fingerprint(info):
-            return {"source": path.name, **saved["peak"]}
-    sizes = (2048,) if device.type == "cpu" else (8192,)
-    measured = measure_matmul_peak(device, sizes, repeats=3, inner=1 if device.type == "cpu" else 20)
-    print(f"(no {path.name} from this machine: measured the GEMM peak at n={sizes[0]} instead)")
-    return {"source": f"inline n={sizes[0]}", **measured["peak"]}
+        if "peak_flops_per_s" in saved and fingerprint(saved["machine"]) == fingerprint(info):
+            return {"source": path.name, **saved["peak_flops_per_s"]}
+    print(f"(no {path.name} from this machine: % of peak uses the in-run GEMM probe only)")
+    return {}
+
+
+PROBE = "gemm probe"
+
+
+def gemm_probe(device: torch.device, dtype: str) -> tuple[dict[str, Callable[[], object]], int]:
+    """A square GEMM (n=4096 on CPU, 8192 on GPU: at the top of bench_matmul_peak's curve) to time in
+    the same interleaved rounds as the models, so "% of peak" compares rates measured under the same
+    machine load. Returns ({PROBE: runner}, FLOPs per call)."""
+    n = 4096 if device.type == "cpu" else 8192
+    return {PROBE: _gemm(device, dtype, n)}, 2 * n**3
+
+
+def pct_of_peak(flops_per_s: float, probe_flops_per_s: float, saved: Mapping[str, Any], dtype: str) -> dict:
+    """Achieved FLOP/s as a share of the in-run GEMM probe and of the saved bench_matmul_peak.py peak."""
+    shares = {"pct_peak": 100 * flops_per_s / probe_flops_per_s}
+    if dtype in saved:
+        shares["pct_saved_peak"] = 100 * flops_per_s / saved[dtype]
+    return shares
 
 
 # ---------------------------------------------------------------------------------------------- reports
@@ -455,7 +460,7 @@ def ratio_chart(
     import matplotlib.pyplot as plt
 
     width = 0.8 / max(1, len(series))
-    top = min(2.0, 1.1 * max(max(values) for values in series.values()))
+    top = min(2.0, max(1.05 * target, 1.1 * max(max(values) for values in series.values())))
     fig, ax = plt.subplots(figsize=(max(7.0, min(16.0, 1.0 + 1.1 * len(groups))), 4.5))
     for i, (label, values) in enumerate(series.items()):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]

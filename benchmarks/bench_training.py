@@ -15,6 +15,10 @@ torch.profiler(profile_memory=True), whose running total of torch's CPU allocato
 (tracemalloc sees only Python objects, and RSS in one process that holds three models mixes their freed
 pages); GPU: torch.cuda.max_memory_allocated.
 
+FLOPs: forward + loss + backward, counted once with FlopCounterMode on a weightless copy of the model, for
+the work each implementation does (the references run all 77 caption positions; hf_clip stops at the
+batch's last end-of-text token, which changes no embedding or gradient); "% of peak" (MFU) divides the achieved rate by a GEMM timed in the same rounds (see bench_matmul_peak.py).
+
     python benchmarks/bench_training.py [--models ViT-B-32 RN50] [--batch-size 32] [--dtypes fp32 bf16]
         [--repeats 3] [--threads N] [--quick] [--device cpu|cuda]
 
@@ -109,8 +113,9 @@ def make_step(
     return step, optimizer
 
 
-def step_flops(config: Any, batch: int) -> int:
-    """FLOPs of forward + loss + backward of the architecture (counted on hf_clip, weightless)."""
+def step_flops(config: Any, batch: int, positions: int | None = None) -> int:
+    """FLOPs of forward + loss + backward of the architecture with `positions` caption positions run
+    (counted on hf_clip, weightless)."""
     from hf_clip.training import ClipLoss
 
     model = common.meta_hf_clip(config).train()
@@ -118,7 +123,7 @@ def step_flops(config: Any, batch: int) -> int:
         torch.empty(
             batch, 3, config.vision_config.image_size, config.vision_config.image_size, device="meta"
         ),
-        torch.zeros(batch, common.CONTEXT_LENGTH, dtype=torch.long, device="meta"),
+        torch.zeros(batch, positions or common.CONTEXT_LENGTH, dtype=torch.long, device="meta"),
     )
 
     def run() -> None:
@@ -187,7 +192,9 @@ def bench_model(
         model.train()
     config, batch = model_set.config, args.batch_size
     pixels, ids = common.make_inputs(batch, model_set.image_size, config.text_config.vocab_size, device)
-    flops = step_flops(config, batch)
+    # The references run all 77 caption positions; hf_clip stops at the batch's last end-of-text token.
+    positions = common.text_positions_run(ids, config.text_config.eos_token_id)
+    flops = {impl: step_flops(config, batch, positions if impl == "hf_clip" else None) for impl in impls}
     rows = []
     for dtype in args.dtypes:
         runners, first_loss, memory = {}, {}, {}
@@ -205,11 +212,21 @@ def bench_model(
             raise RuntimeError(
                 f"First fp32 losses differ ({first_loss}): the implementations are not the same model."
             )
+        probe, probe_flops = common.gemm_probe(device, dtype)
+        probe[common.PROBE]()  # its warm-up: the models' warm-up steps ran above
         with common.ContentionMeter() as contention:
             samples = common.interleaved(
-                runners, device, args.warmup - 1, args.repeats, args.inner, desc=f"{name} {dtype} b{batch}"
+                runners,
+                device,
+                args.warmup - 1,
+                args.repeats,
+                args.inner,
+                desc=f"{name} {dtype} b{batch}",
+                probes=probe,
             )
-        rows.append(_summarise(name, dtype, batch, impls, samples, flops, peak, memory, first_loss, device))
+        rows.append(
+            _summarise(name, dtype, batch, impls, samples, flops, peak, memory, first_loss, probe_flops)
+        )
         rows[-1]["others_cpu_share"] = contention.others_share
         _print_row(rows[-1], impls)
     return rows
@@ -221,12 +238,13 @@ def _summarise(
     batch: int,
     impls: list[str],
     samples: dict,
-    flops: int,
+    flops: dict[str, int],
     peak: dict,
     memory: dict,
     first_loss: dict,
-    device: torch.device,
+    probe_flops: int,
 ) -> dict[str, Any]:
+    probe_rate = probe_flops / samples[common.PROBE].wall_median
     per_impl = {}
     for impl in impls:
         s = samples[impl]
@@ -234,16 +252,13 @@ def _summarise(
             "samples_per_s": batch / s.wall_median,
             "step_s": s.wall_median,
             "step_cpu_s": s.cpu_median,
-            "flops_per_s": flops / s.wall_median,
-            "pct_peak": 100 * flops / s.wall_median / peak["flops_per_s"][dtype],
+            "flops_per_step": flops[impl],
+            "flops_per_s": flops[impl] / s.wall_median,
             "first_loss": first_loss[impl],
             "memory": memory.get(impl),
             "samples": vars(s),
         }
-        if device.type == "cpu":
-            entry["pct_peak_load_corrected"] = (
-                100 * common.load_corrected(flops, s.cpu_median) / peak["flops_per_s_cpu"][dtype]
-            )
+        entry.update(common.pct_of_peak(entry["flops_per_s"], probe_rate, peak, dtype))
         per_impl[impl] = entry
     refs = [impl for impl in impls if impl != "hf_clip"]
     ours = per_impl["hf_clip"]
@@ -260,10 +275,10 @@ def _summarise(
         "model": name,
         "dtype": dtype,
         "batch": batch,
-        "flops_per_step": flops,
         "implementations": per_impl,
         "ratios": ratios,
         "best_reference": best,
+        "gemm_probe": {"flops_per_s": probe_rate, **vars(samples[common.PROBE])},
     }
 
 
@@ -304,7 +319,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
         "transformers",
         "ratio (CPU-time)",
         "step peak MB hf_clip / open_clip / transformers",
-        "hf_clip % peak (load-corr.)",
+        "hf_clip % of GEMM peak: in-run (saved)",
     )
     lines = []
     for row in rows:
@@ -316,8 +331,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
             return f"{entry['step_peak_mb']:.0f}" if entry else "-"
 
         pct = f"{ours['pct_peak']:.0f}%"
-        if "pct_peak_load_corrected" in ours:
-            pct += f" ({ours['pct_peak_load_corrected']:.0f}%)"
+        if "pct_saved_peak" in ours:
+            pct += f" ({ours['pct_saved_peak']:.0f}%)"
         lines.append(
             (
                 row["model"],
