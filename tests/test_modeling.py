@@ -296,3 +296,42 @@ def test_patch_dropout_only_while_training():
     assert model.vision_model(px).last_hidden_state.shape[1] == 17
     with pytest.raises(ValueError, match="patch_dropout"):
         HfClipVisionConfig(patch_dropout=1.0)
+
+
+@pytest.mark.parametrize("vision_type", ["vit", "resnet"])
+def test_autocast_inference_keeps_cast_weights_until_they_change(vision_type):
+    from hf_clip.modeling_hf_clip import HfClipLinear
+
+    cfg = tiny_config(vision_type)
+    model = HfClipModel(cfg).eval()
+    ids, px = ids_batch(), pixels(cfg)
+
+    def embed(grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.get_image_features(px).detach(), model.get_text_features(ids).detach()
+
+    reference = embed(grad=True)  # autocast's own casts, nothing kept
+    fc1 = model.text_model.encoder.layers[0].mlp.fc1
+    assert isinstance(fc1, HfClipLinear) and fc1._cast is None
+    first, second = embed(), embed()
+    assert fc1._cast is not None and fc1._cast[1].dtype == torch.bfloat16
+    for a, b, c in zip(reference, first, second):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b) and torch.equal(b, c)
+    # An in-place update (an optimizer step, load_state_dict) is seen at once.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    torch.testing.assert_close(embed(), embed(grad=True), rtol=0, atol=0)
+    state = {k: v * 0.5 for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    torch.testing.assert_close(embed(), embed(grad=True), rtol=0, atol=0)
+    # Training mode and fp32 inference keep nothing.
+    model.train()
+    assert fc1._cast is None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.get_text_features(ids)
+    assert fc1._cast is None
+    model.eval()
+    with torch.no_grad():
+        model.get_text_features(ids)
+    assert fc1._cast is None

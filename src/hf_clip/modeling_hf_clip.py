@@ -37,6 +37,48 @@ def _activation(name: str) -> nn.Module:
     return QuickGELU() if name == "quick_gelu" else nn.GELU()
 
 
+class _KeepsAutocastWeights:
+    """Inference under autocast with fp32 weights (a user running a fp32 checkpoint in bf16) casts every
+    weight on every call: a third of a ViT-B/32 forward on CPU. In eval mode without gradients the cast
+    copy is kept until the weight changes (its version counter, storage, dtype or the autocast dtype);
+    training, where autocast's own per-forward cache applies, never keeps one."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    _cast: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor | None] | None = None
+
+    def _weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        device = x.device.type
+        if (
+            self.training
+            or torch.is_grad_enabled()
+            or self.weight.dtype != torch.float32
+            or not torch.is_autocast_enabled(device)
+            or torch.compiler.is_compiling()
+        ):
+            return self.weight, self.bias
+        dtype = torch.get_autocast_dtype(device)
+        bias = self.bias
+        key = (dtype, self.weight.data_ptr(), self.weight._version, None if bias is None else bias._version)
+        if self._cast is None or self._cast[0] != key:
+            self._cast = (key, self.weight.to(dtype), None if bias is None else bias.to(dtype))
+        return self._cast[1], self._cast[2]
+
+    def train(self, mode: bool = True) -> nn.Module:
+        self._cast = None
+        return super().train(mode)  # type: ignore[misc]
+
+
+class HfClipLinear(_KeepsAutocastWeights, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, *self._weights(x))
+
+
+class HfClipConv2d(_KeepsAutocastWeights, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, *self._weights(x))
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -88,8 +130,8 @@ class HfClipAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = self.embed_dim // self.num_heads
         self.is_causal = False
-        self.qkv_proj = nn.Linear(self.embed_dim, 3 * self.embed_dim)
-        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.qkv_proj = HfClipLinear(self.embed_dim, 3 * self.embed_dim)
+        self.out_proj = HfClipLinear(self.embed_dim, self.embed_dim)
 
     def forward(self, hidden_states: torch.Tensor, causal_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, _ = hidden_states.shape
@@ -103,9 +145,9 @@ class HfClipMLP(nn.Module):
     def __init__(self, config: HfClipTextConfig | HfClipVisionConfig) -> None:
         super().__init__()
         self.config = config
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc1 = HfClipLinear(config.hidden_size, config.intermediate_size)
         self.act = _activation(config.hidden_act)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc2 = HfClipLinear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -336,7 +378,7 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
         width = config.hidden_size
         self.embeddings = nn.Module()
         self.embeddings.class_embedding = nn.Parameter(torch.zeros(width))
-        self.embeddings.patch_embedding = nn.Conv2d(
+        self.embeddings.patch_embedding = HfClipConv2d(
             config.num_channels, width, kernel_size=config.patch_size, stride=config.patch_size, bias=False
         )
         grid = config.image_size // config.patch_size
@@ -378,18 +420,18 @@ class HfClipBottleneck(GradientCheckpointingLayer):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.conv1 = HfClipConv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.conv2 = HfClipConv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.conv3 = HfClipConv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.downsample = None
         if stride > 1 or inplanes != planes * self.expansion:
             self.downsample = nn.Sequential()
             self.downsample.add_module("pool", nn.AvgPool2d(stride) if stride > 1 else nn.Identity())
-            self.downsample.add_module("conv", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False))
+            self.downsample.add_module("conv", HfClipConv2d(inplanes, planes * self.expansion, 1, bias=False))
             self.downsample.add_module("bn", nn.BatchNorm2d(planes * self.expansion))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -410,10 +452,10 @@ class HfClipAttentionPool(nn.Module):
         self.head_dim = embed_dim // self.num_heads
         self.is_causal = False
         self.position_embedding = nn.Parameter(torch.zeros(spatial * spatial + 1, embed_dim))
-        self.q_proj = nn.Linear(embed_dim, embed_dim)
-        self.k_proj = nn.Linear(embed_dim, embed_dim)
-        self.v_proj = nn.Linear(embed_dim, embed_dim)
-        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.q_proj = HfClipLinear(embed_dim, embed_dim)
+        self.k_proj = HfClipLinear(embed_dim, embed_dim)
+        self.v_proj = HfClipLinear(embed_dim, embed_dim)
+        self.c_proj = HfClipLinear(embed_dim, output_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
@@ -442,11 +484,11 @@ class HfClipResNet(HfClipPreTrainedModel):
     def __init__(self, config: HfClipVisionConfig) -> None:
         super().__init__(config)
         width = config.hidden_size
-        self.conv1 = nn.Conv2d(config.num_channels, width // 2, 3, stride=2, padding=1, bias=False)
+        self.conv1 = HfClipConv2d(config.num_channels, width // 2, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
-        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.conv2 = HfClipConv2d(width // 2, width // 2, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(width // 2)
-        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.conv3 = HfClipConv2d(width // 2, width, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(width)
         self.avgpool = nn.AvgPool2d(2)
         inplanes = width
@@ -490,7 +532,7 @@ def _visual_projection(config: HfClipVisionConfig) -> nn.Module:
     # The ResNet attention pool already ends in the embedding width (its c_proj); the ViT needs a projection.
     if config.vision_type == "resnet":
         return nn.Identity()
-    return nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+    return HfClipLinear(config.hidden_size, config.projection_dim, bias=False)
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -558,7 +600,7 @@ class HfClipTextModel(HfClipPreTrainedModel):
         super().__init__(config)
         self.text_model = HfClipTextTransformer(config)
         if self._with_projection:
-            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+            self.text_projection = HfClipLinear(config.hidden_size, config.projection_dim, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -640,7 +682,7 @@ class HfClipModel(HfClipPreTrainedModel):
         super().__init__(config)
         self.text_model = HfClipTextTransformer(config.text_config)
         self.vision_model = build_vision_tower(config.vision_config)
-        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = HfClipLinear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.visual_projection = _visual_projection(config.vision_config)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         bias = config.logit_bias_init_value
