@@ -37,6 +37,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--dtypes", nargs="+", default=list(common.DTYPES), choices=common.DTYPES)
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per configuration")
+    parser.add_argument(
+        "--small-batch-repeats",
+        type=int,
+        default=9,
+        help="repetitions for batches under 8: cheap, and at the mercy of which weights the 480 MB L3 holds",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (more with --compile)")
     parser.add_argument("--inner", type=int, default=1, help="calls per timed repetition (use >1 on GPU)")
     parser.add_argument(
@@ -56,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
     args = parser.parse_args()
     if args.quick:
-        args.models, args.batch_sizes, args.repeats = ["ViT-B-32"], [1, 4], 2
+        args.models, args.batch_sizes, args.repeats, args.small_batch_repeats = ["ViT-B-32"], [1, 4], 2, 2
     if args.repeats < 1 or args.warmup < 0 or args.inner < 1 or min(args.batch_sizes) < 1:
         parser.error("--repeats, --inner and batch sizes must be positive; --warmup non-negative.")
     return args
@@ -194,7 +200,7 @@ def bench_model(
                     runners,
                     device,
                     args.warmup,
-                    args.repeats,
+                    args.small_batch_repeats if batch < 8 else args.repeats,
                     args.inner,
                     desc=f"{name} {dtype} b{batch}",
                     min_rep_seconds=args.min_rep_seconds,

@@ -436,10 +436,12 @@ class HfClipBottleneck(GradientCheckpointingLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        # In place, as torchvision does: batch norm's backward needs its input, not its output.
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(self.avgpool(out)))
-        return F.relu(out + identity)
+        out += identity
+        return F.relu(out, inplace=True)
 
 
 class HfClipAttentionPool(nn.Module):
@@ -513,9 +515,9 @@ class HfClipResNet(HfClipPreTrainedModel):
         # Channels-last activations: oneDNN's and cuDNN's fast convolution layout (1.25x fp32, 1.9x bf16 for
         # RN50 on CPU, benchmarks/bench_inference.py); the weights keep their layout.
         x = pixel_values.to(dtype=self.conv1.weight.dtype, memory_format=torch.channels_last)
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        x = self.avgpool(F.relu(self.bn3(self.conv3(x))))
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        x = F.relu(self.bn2(self.conv2(x)), inplace=True)
+        x = self.avgpool(F.relu(self.bn3(self.conv3(x)), inplace=True))
         states = (x,) if output_hidden_states else None
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = stage(x)
