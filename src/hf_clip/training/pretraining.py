@@ -36,7 +36,7 @@ TINY_CONFIG = dict(
 )
 
 
-# About 7 minutes on a 2-core CPU; the held-out zero-shot accuracy has plateaued by then.
+# About 3.5 minutes on a 2-core CPU; the held-out zero-shot accuracy has plateaued by then.
 DEFAULT_SYNTHETIC_STEPS = 600
 
 
