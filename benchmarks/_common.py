@@ -444,6 +444,29 @@ def results_path(results_dir: Path, stem: str, device: torch.device, quick: bool
     return results_dir / f"{stem}_{device.type}{'_quick' if quick else ''}.{suffix}"
 
 
+def save_results(
+    stem: str,
+    args: Any,
+    device: torch.device,
+    info: dict[str, Any],
+    peak: Mapping[str, Any],
+    extra: Mapping[str, Any],
+    write_chart: Callable[[dict[str, Any], Path], None],
+) -> None:
+    """Print the machine line, then write results/<stem>_<device>[_quick].json (atomically) and its chart."""
+    info["loadavg_end"] = list(os.getloadavg())
+    print(
+        f"machine: {info['cpu_model']}, nproc {info['nproc']}, threads {info['torch_threads']}, "
+        f"load average {info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}"
+    )
+    options = {k: v for k, v in vars(args).items() if k != "results_dir"}
+    data = {"machine": info, "matmul_peak": peak, "options": options, **extra}
+    json_path = results_path(args.results_dir, stem, device, args.quick, "json")
+    write_json(json_path, data)
+    write_chart(data, json_path.with_suffix(".png"))
+    print(f"wrote {json_path} and {json_path.with_suffix('.png').name}")
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

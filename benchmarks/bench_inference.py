@@ -21,7 +21,6 @@ Results: results/inference_<device>[_quick].json and .png.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -291,26 +290,10 @@ def main() -> None:
     rows = []
     for name in args.models:
         rows.extend(bench_model(name, args, device, peak))
-    info["loadavg_end"] = list(os.getloadavg())
     table = _table(rows)
     print(table)
-    print(
-        f"machine: {info['cpu_model']}, nproc {info['nproc']}, threads {info['torch_threads']}, "
-        f"load average {info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}"
-    )
-    options = {k: v for k, v in vars(args).items() if k != "results_dir"}
-    data = {
-        "machine": info,
-        "matmul_peak": peak,
-        "options": options,
-        "target_ratio": TARGET,
-        "results": rows,
-        "table": table,
-    }
-    json_path = common.results_path(args.results_dir, "inference", device, args.quick, "json")
-    common.write_json(json_path, data)
-    write_chart(data, json_path.with_suffix(".png"))
-    print(f"wrote {json_path} and {json_path.with_suffix('.png').name}")
+    extra = {"target_ratio": TARGET, "results": rows, "table": table}
+    common.save_results("inference", args, device, info, peak, extra, write_chart)
 
 
 if __name__ == "__main__":

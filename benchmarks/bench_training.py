@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -370,30 +369,18 @@ def main() -> None:
     rows = []
     for name in args.models:
         rows.extend(bench_model(name, args, device, peak))
-    info["loadavg_end"] = list(os.getloadavg())
     speedups = _bf16_speedups(rows)
     table = _table(rows)
     print(table)
     for model, values in speedups.items():
         print(f"{model} bf16 / fp32 speed-up: " + ", ".join(f"{impl} {v:.2f}x" for impl, v in values.items()))
-    print(
-        f"machine: {info['cpu_model']}, nproc {info['nproc']}, threads {info['torch_threads']}, "
-        f"load average {info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}"
-    )
-    options = {k: v for k, v in vars(args).items() if k != "results_dir"}
-    data = {
-        "machine": info,
-        "matmul_peak": peak,
-        "options": options,
+    extra = {
         "targets": {"step": TARGET_STEP, "bf16_over_fp32": TARGET_BF16},
         "results": rows,
         "bf16_speedup": speedups,
         "table": table,
     }
-    json_path = common.results_path(args.results_dir, "training", device, args.quick, "json")
-    common.write_json(json_path, data)
-    write_chart(data, json_path.with_suffix(".png"))
-    print(f"wrote {json_path} and {json_path.with_suffix('.png').name}")
+    common.save_results("training", args, device, info, peak, extra, write_chart)
 
 
 if __name__ == "__main__":
