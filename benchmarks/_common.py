@@ -467,6 +467,24 @@ def save_results(
     print(f"wrote {json_path} and {json_path.with_suffix('.png').name}")
 
 
+def rate_cells(per_impl: Mapping[str, Any], key: str) -> list[str]:
+    """One table cell per implementation (hf_clip, open_clip, transformers), "-" where it did not run."""
+    return [f"{per_impl[impl][key]:.2f}" if impl in per_impl else "-" for impl in IMPLEMENTATIONS]
+
+
+def pct_cell(entry: Mapping[str, Any]) -> str:
+    """ "% of the in-run GEMM probe (% of the saved bench_matmul_peak.py peak)"."""
+    pct = f"{entry['pct_peak']:.0f}%"
+    return pct + (f" ({entry['pct_saved_peak']:.0f}%)" if "pct_saved_peak" in entry else "")
+
+
+def chart_labels(data: Mapping[str, Any]) -> tuple[list[str], str]:
+    """Bar-group labels (model, dtype, batch) and the machine line of a results file's chart."""
+    groups = [f"{r['model']}\n{r['dtype']} b{r['batch']}" for r in data["results"]]
+    info = data["machine"]
+    return groups, f"{info.get('gpu') or info['cpu_model']}, {info['torch_threads']} threads"
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

@@ -251,21 +251,15 @@ def _table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for row in rows:
         per, r = row["implementations"], row["ratios"]
-        ours = per["hf_clip"]
-        pct = f"{ours['pct_peak']:.0f}%"
-        if "pct_saved_peak" in ours:
-            pct += f" ({ours['pct_saved_peak']:.0f}%)"
         lines.append(
             (
                 row["model"],
                 row["dtype"],
                 row["batch"],
-                f"{ours['pairs_per_s']:.2f}",
-                f"{per['open_clip']['pairs_per_s']:.2f}",
-                f"{per['transformers']['pairs_per_s']:.2f}" if "transformers" in per else "-",
+                *common.rate_cells(per, "pairs_per_s"),
                 f"**{r['pair']:.3f}** ({r['image']:.3f}, {r['text']:.3f})",
                 f"{r['pair_cpu']:.3f}",
-                pct,
+                common.pct_cell(per["hf_clip"]),
             )
         )
     return common.markdown_table(headers, lines)
@@ -273,10 +267,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 def write_chart(data: dict[str, Any], path: Path) -> None:
     """Bar chart of the image, text and pair ratios of a results file."""
-    rows, info = data["results"], data["machine"]
-    groups = [f"{r['model']}\n{r['dtype']} b{r['batch']}" for r in rows]
+    rows = data["results"]
+    groups, where = common.chart_labels(data)
     series = {task: [r["ratios"][task] for r in rows] for task in ("image", "text", "pair")}
-    where = f"{info.get('gpu') or info['cpu_model']}, {info['torch_threads']} threads"
     title = f"Embedding throughput, hf_clip / faster reference (wall time)\n{where}"
     common.ratio_chart(path, title, groups, series, data["target_ratio"])
 

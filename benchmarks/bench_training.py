@@ -323,26 +323,20 @@ def _table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for row in rows:
         per, r = row["implementations"], row["ratios"]
-        ours = per["hf_clip"]
 
         def mem(impl: str, per: dict = per) -> str:
             entry = per.get(impl, {}).get("memory") if impl in per else None
             return f"{entry['step_peak_mb']:.0f}" if entry else "-"
 
-        pct = f"{ours['pct_peak']:.0f}%"
-        if "pct_saved_peak" in ours:
-            pct += f" ({ours['pct_saved_peak']:.0f}%)"
         lines.append(
             (
                 row["model"],
                 row["dtype"],
                 row["batch"],
-                f"{ours['samples_per_s']:.2f}",
-                f"{per['open_clip']['samples_per_s']:.2f}",
-                f"{per['transformers']['samples_per_s']:.2f}" if "transformers" in per else "-",
+                *common.rate_cells(per, "samples_per_s"),
                 f"**{r['step']:.3f}** ({r['step_cpu']:.3f})",
                 " / ".join(mem(impl) for impl in common.IMPLEMENTATIONS),
-                pct,
+                common.pct_cell(per["hf_clip"]),
             )
         )
     return common.markdown_table(headers, lines)
@@ -350,12 +344,11 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 def write_chart(data: dict[str, Any], path: Path) -> None:
     """Bar chart of the step-speed (and step-memory) ratios of a results file."""
-    rows, info = data["results"], data["machine"]
-    groups = [f"{r['model']}\n{r['dtype']} b{r['batch']}" for r in rows]
+    rows = data["results"]
+    groups, where = common.chart_labels(data)
     series = {"step speed": [r["ratios"]["step"] for r in rows]}
     if all("memory" in r["ratios"] for r in rows):
         series["step peak memory (best ref / hf_clip)"] = [1 / r["ratios"]["memory"] for r in rows]
-    where = f"{info.get('gpu') or info['cpu_model']}, {info['torch_threads']} threads"
     title = f"Training step, hf_clip / faster reference (wall time)\n{where}"
     common.ratio_chart(path, title, groups, series, data["targets"]["step"])
 
