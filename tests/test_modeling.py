@@ -335,3 +335,9 @@ def test_autocast_inference_keeps_cast_weights_until_they_change(vision_type):
     with torch.no_grad():
         model.get_text_features(ids)
     assert fc1._cast is None
+    # Weights that accelerate loads on demand (device_map offloading) are never kept.
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    add_hook_to_module(fc1, AlignDevicesHook(io_same_device=True))
+    embed()
+    assert fc1._cast is None

@@ -41,7 +41,8 @@ class _KeepsAutocastWeights:
     """Inference under autocast with fp32 weights (a user running a fp32 checkpoint in bf16) casts every
     weight on every call: a third of a ViT-B/32 forward on CPU. In eval mode without gradients the cast
     copy is kept until the weight changes (its version counter, storage, dtype or the autocast dtype);
-    training, where autocast's own per-forward cache applies, never keeps one."""
+    training, where autocast's own per-forward cache applies, never keeps one, nor does a layer whose
+    weights accelerate loads on demand (`device_map` offloading), which a kept copy would defeat."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -55,6 +56,7 @@ class _KeepsAutocastWeights:
             or self.weight.dtype != torch.float32
             or not torch.is_autocast_enabled(device)
             or torch.compiler.is_compiling()
+            or hasattr(self, "_hf_hook")
         ):
             return self.weight, self.bias
         dtype = torch.get_autocast_dtype(device)
