@@ -84,24 +84,30 @@ def check_parity(model_set: common.ModelSet, device: torch.device) -> dict[str, 
     config = model_set.config
     pixels, ids = common.make_inputs(2, model_set.image_size, config.text_config.vocab_size, device, seed=1)
     diffs = {}
-    with torch.no_grad():
-        ours = {
-            "image": common.image_encoder("hf_clip", model_set.models["hf_clip"])(pixels),
-            "text": common.text_encoder("hf_clip", model_set.models["hf_clip"])(ids),
-        }
-        for impl, model in model_set.models.items():
-            if impl == "hf_clip":
-                continue
-            for task, make, inputs in (
-                ("image", common.image_encoder, pixels),
-                ("text", common.text_encoder, ids),
-            ):
-                diff = (make(impl, model)(inputs) - ours[task]).abs().max().item()
-                if diff > 1e-3:
-                    raise RuntimeError(
-                        f"{impl} {task} embeddings differ from hf_clip's by {diff:.3g}: not the same model."
-                    )
-                diffs[f"{impl}/{task}"] = diff
+    # In full fp32: CUDA convolutions default to TF32, whose rounding would hide or fake a difference.
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            ours = {
+                "image": common.image_encoder("hf_clip", model_set.models["hf_clip"])(pixels),
+                "text": common.text_encoder("hf_clip", model_set.models["hf_clip"])(ids),
+            }
+            for impl, model in model_set.models.items():
+                if impl == "hf_clip":
+                    continue
+                for task, make, inputs in (
+                    ("image", common.image_encoder, pixels),
+                    ("text", common.text_encoder, ids),
+                ):
+                    diff = (make(impl, model)(inputs) - ours[task]).abs().max().item()
+                    if diff > 1e-3:
+                        raise RuntimeError(
+                            f"{impl} {task} embeddings differ from hf_clip's by {diff:.3g}: not the same model."
+                        )
+                    diffs[f"{impl}/{task}"] = diff
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return diffs
 
 
@@ -283,10 +289,11 @@ def main() -> None:
     rows = []
     for name in args.models:
         rows.extend(bench_model(name, args, device, peak))
-    table = _table(rows)
+        # Saved after every model, so a crash or time limit later keeps what was measured.
+        table = _table(rows)
+        extra = {"target_ratio": TARGET, "results": rows, "table": table}
+        common.save_results("inference", args, device, info, peak, extra, write_chart)
     print(table)
-    extra = {"target_ratio": TARGET, "results": rows, "table": table}
-    common.save_results("inference", args, device, info, peak, extra, write_chart)
 
 
 if __name__ == "__main__":

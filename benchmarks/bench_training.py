@@ -52,6 +52,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1)")
     parser.add_argument("--inner", type=int, default=1, help="steps per timed repetition (use >1 on GPU)")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers' CLIPModel")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each implementation's forward + loss (results go to training_compiled_*)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: ViT-B-32, batch 4, fp32, 2 repeats")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: one per core)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
@@ -75,8 +80,12 @@ def make_step(
     ids: torch.Tensor,
     dtype: str,
     device: torch.device,
+    compile: bool = False,
 ) -> tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]:
-    """The step as each library's documentation trains: its forward, its loss, backward, AdamW."""
+    """The step as each library's documentation trains: its forward, its loss, backward, AdamW.
+
+    With `compile`, forward and loss are one torch.compile'd graph (backward follows through
+    AOTAutograd); the optimizer step stays eager, as `accelerate`'s dynamo_backend leaves it."""
     import open_clip
 
     from hf_clip.training import ClipLoss, create_optimizer
@@ -101,9 +110,11 @@ def make_step(
         def loss_of() -> torch.Tensor:
             return model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
 
+    forward_loss = torch.compile(loss_of) if compile else loss_of
+
     def step() -> torch.Tensor:
         with common.autocast(device, dtype):
-            loss = loss_of()
+            loss = forward_loss()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -191,17 +202,21 @@ def bench_model(
         model.train()
     config, batch = model_set.config, args.batch_size
     pixels, ids = common.make_inputs(batch, model_set.image_size, config.text_config.vocab_size, device)
-    # The references run all 77 caption positions; hf_clip stops at the batch's last end-of-text token.
-    positions = common.text_positions_run(ids, config.text_config.eos_token_id)
+    # The references run all 77 caption positions; hf_clip stops at the batch's last end-of-text token
+    # (not when compiled: the trimmed length is data-dependent, so the compiled graph runs all of them).
+    positions = None if args.compile else common.text_positions_run(ids, config.text_config.eos_token_id)
     flops = {impl: step_flops(config, batch, positions if impl == "hf_clip" else None) for impl in impls}
     rows = []
     for dtype in args.dtypes:
         runners, first_loss, memory = {}, {}, {}
         for impl, model in model_set.models.items():
-            step, optimizer = make_step(impl, model, model_set.tower, pixels, ids, dtype, device)
+            step, optimizer = make_step(
+                impl, model, model_set.tower, pixels, ids, dtype, device, args.compile
+            )
             prime_optimizer(model, optimizer)
-            # On a GPU the first step also allocates cuBLAS/cuDNN workspaces: keep them out of the figure.
-            first = step() if device.type == "cuda" else None
+            # On a GPU the first step also allocates cuBLAS/cuDNN workspaces, and a compiled step compiles:
+            # keep both out of the figure.
+            first = step() if device.type == "cuda" or args.compile else None
             loss, peak_mb = measured_step(step, device)  # a warm-up step too
             first_loss[impl] = (loss if first is None else first).item()
             memory[impl] = {"step_peak_mb": peak_mb}
@@ -359,21 +374,23 @@ def main() -> None:
     device = common.parse_device(args.device)
     info = common.machine_info(device)
     peak = common.load_matmul_peak(args.results_dir, device, info)
+    stem = "training_compiled" if args.compile else "training"
     rows = []
     for name in args.models:
         rows.extend(bench_model(name, args, device, peak))
-    speedups = _bf16_speedups(rows)
-    table = _table(rows)
+        # Saved after every model, so a crash or time limit later keeps what was measured.
+        speedups = _bf16_speedups(rows)
+        table = _table(rows)
+        extra = {
+            "targets": {"step": TARGET_STEP, "bf16_over_fp32": TARGET_BF16},
+            "results": rows,
+            "bf16_speedup": speedups,
+            "table": table,
+        }
+        common.save_results(stem, args, device, info, peak, extra, write_chart)
     print(table)
     for model, values in speedups.items():
         print(f"{model} bf16 / fp32 speed-up: " + ", ".join(f"{impl} {v:.2f}x" for impl, v in values.items()))
-    extra = {
-        "targets": {"step": TARGET_STEP, "bf16_over_fp32": TARGET_BF16},
-        "results": rows,
-        "bf16_speedup": speedups,
-        "table": table,
-    }
-    common.save_results("training", args, device, info, peak, extra, write_chart)
 
 
 if __name__ == "__main__":

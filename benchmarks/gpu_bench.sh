@@ -3,13 +3,15 @@
 # (PyTorch picks its flash kernel for bf16, head dim 64, no mask), plus the ViT-B/16 training MFU.
 #
 # Needs only what `pip install -e .[test]` installs; installs and downloads nothing (random weights).
-# About 4-6 minutes on an H200, most of it model construction and warm-up.
+# About 6-8 minutes on an H200 (each step is time-limited), most of it model construction, warm-up and
+# the torch.compile step's compilation.
 #
 #   bash benchmarks/gpu_bench.sh [RESULTS_DIR]     # default benchmarks/results
 #   PYTHON=/path/to/venv/bin/python bash benchmarks/gpu_bench.sh   # if `python` is not the project's
 #
-# Writes matmul_peak_cuda.json, inference_cuda.{json,png} and training_cuda.{json,png} to RESULTS_DIR.
-set -euo pipefail
+# Writes matmul_peak_cuda.json, training_cuda.{json,png}, training_compiled_cuda.{json,png} and
+# inference_cuda.{json,png} to RESULTS_DIR, then prints the ViT-B/16 training MFU.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS="${1:-benchmarks/results}"
 mkdir -p "$RESULTS"
@@ -17,7 +19,7 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false
 PYTHON="${PYTHON:-python}"
 
-"$PYTHON" - <<'EOF'
+"$PYTHON" - <<'EOF' || exit 1
 import sys
 
 import torch
@@ -28,19 +30,31 @@ print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | flash SDPA 
       f"{torch.backends.cuda.flash_sdp_enabled()}")
 EOF
 
-step() { echo; echo "=== $* ==="; SECONDS=0; "$@"; echo "(${SECONDS}s)"; }
+# Each step has its own time limit and a failed step does not stop the rest: on a lent GPU every minute
+# counts, and whatever finished is already saved (the scripts save after every model).
+step() {
+    local limit=$1; shift
+    echo; echo "=== $* (limit ${limit}s) ==="; SECONDS=0
+    timeout --kill-after=10 "$limit" "$@" || echo "!!! step failed or timed out (exit $?)"
+    echo "(${SECONDS}s)"
+}
 
 # Denominator of every "% of peak": the measured dense bf16 / fp32 GEMM rate of this GPU.
-step "$PYTHON" benchmarks/bench_matmul_peak.py --device cuda --repeats 5 --results-dir "$RESULTS"
+step 45 "$PYTHON" benchmarks/bench_matmul_peak.py --device cuda --repeats 5 --results-dir "$RESULTS"
+
+# Training steps (forward, loss, backward, fused AdamW) at batch 256; ViT-B/16 first: it gives the MFU figure.
+step 140 "$PYTHON" benchmarks/bench_training.py --device cuda --models ViT-B-16 ViT-B-32 RN50 --dtypes bf16 \
+    --batch-size 256 --warmup 3 --repeats 10 --inner 2 --results-dir "$RESULTS"
+
+# The same ViT-B/16 step with forward + loss torch.compile'd in every implementation (fusing the
+# element-wise work between the matmuls that eager mode runs as separate memory-bound kernels).
+step 200 "$PYTHON" benchmarks/bench_training.py --device cuda --models ViT-B-16 --dtypes bf16 --compile \
+    --batch-size 256 --warmup 3 --repeats 10 --inner 2 --results-dir "$RESULTS"
 
 # Embedding throughput, batch 1 (latency-bound) and 256 (throughput-bound). Each timed repetition makes
 # enough calls to last 0.1 s, so batch-1 kernel-launch noise averages out.
-step "$PYTHON" benchmarks/bench_inference.py --device cuda --dtypes bf16 --batch-sizes 1 256 \
+step 150 "$PYTHON" benchmarks/bench_inference.py --device cuda --dtypes bf16 --batch-sizes 1 256 \
     --warmup 3 --repeats 7 --inner 3 --min-rep-seconds 0.1 --results-dir "$RESULTS"
-
-# Training steps; ViT-B/16 at batch 256 gives the MFU figure.
-step "$PYTHON" benchmarks/bench_training.py --device cuda --models ViT-B-32 ViT-B-16 RN50 --dtypes bf16 \
-    --batch-size 256 --warmup 3 --repeats 10 --inner 2 --results-dir "$RESULTS"
 
 "$PYTHON" - "$RESULTS" <<'EOF'
 import json
@@ -48,20 +62,24 @@ import sys
 from pathlib import Path
 
 results = Path(sys.argv[1])
-training = json.loads((results / "training_cuda.json").read_text())
-gpu = training["machine"]["gpu"]
 SPEC_BF16_DENSE = {"H200": 989e12, "H100 80GB HBM3": 989e12}  # SXM dense bf16, from NVIDIA's data sheets
-spec = next((value for key, value in SPEC_BF16_DENSE.items() if key in gpu), None)
-for row in training["results"]:
-    if row["model"] != "ViT-B-16":
+for name, how in (("training_cuda.json", "eager"), ("training_compiled_cuda.json", "torch.compile")):
+    if not (results / name).is_file():
+        print(f"\n(no {name}: that step failed or ran out of time)")
         continue
-    peak = row["gemm_probe"]["flops_per_s"]
-    print(f"\nViT-B/16 training, bf16 autocast ({gpu}; bf16 GEMM probe in the same rounds: "
-          f"{peak / 1e12:.0f} TFLOP/s):")
-    for impl, entry in row["implementations"].items():
-        line = (f"  {impl:12s} {entry['samples_per_s']:8.1f} samples/s  {entry['flops_per_s'] / 1e12:6.1f} TFLOP/s"
-                f"  MFU {entry['pct_peak']:5.1f}% of the measured GEMM peak")
-        if spec:
-            line += f", {100 * entry['flops_per_s'] / spec:5.1f}% of the {spec / 1e12:.0f} TFLOP/s spec"
-        print(line)
+    training = json.loads((results / name).read_text())
+    gpu = training["machine"]["gpu"]
+    spec = next((value for key, value in SPEC_BF16_DENSE.items() if key in gpu), None)
+    for row in training["results"]:
+        if row["model"] != "ViT-B-16":
+            continue
+        peak = row["gemm_probe"]["flops_per_s"]
+        print(f"\nViT-B/16 training, {how}, bf16 autocast, batch {row['batch']} ({gpu}; bf16 GEMM probe in "
+              f"the same rounds: {peak / 1e12:.0f} TFLOP/s):")
+        for impl, entry in row["implementations"].items():
+            line = (f"  {impl:12s} {entry['samples_per_s']:8.1f} samples/s  {entry['flops_per_s'] / 1e12:6.1f} "
+                    f"TFLOP/s  MFU {entry['pct_peak']:5.1f}% of the measured GEMM peak")
+            if spec:
+                line += f", {100 * entry['flops_per_s'] / spec:5.1f}% of the {spec / 1e12:.0f} TFLOP/s spec"
+            print(line)
 EOF
