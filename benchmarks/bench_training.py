@@ -54,8 +54,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers' CLIPModel")
     parser.add_argument(
         "--compile",
-        action="store_true",
-        help="torch.compile each implementation's forward + loss (results go to training_compiled_*)",
+        choices=("graph", "blocks"),
+        help="torch.compile each implementation: 'graph' its whole forward + loss, 'blocks' each repeated "
+        "block in place (regional compilation: one compile serves all layers). Results: training_<mode>_*",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: ViT-B-32, batch 4, fp32, 2 repeats")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: one per core)")
@@ -80,12 +81,13 @@ def make_step(
     ids: torch.Tensor,
     dtype: str,
     device: torch.device,
-    compile: bool = False,
+    compile: str | None = None,
 ) -> tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]:
     """The step as each library's documentation trains: its forward, its loss, backward, AdamW.
 
-    With `compile`, forward and loss are one torch.compile'd graph (backward follows through
-    AOTAutograd); the optimizer step stays eager, as `accelerate`'s dynamo_backend leaves it."""
+    With compile="graph", forward and loss are one torch.compile'd graph (backward follows through
+    AOTAutograd); the optimizer step stays eager, as `accelerate`'s dynamo_backend leaves it. With
+    "blocks", the model's repeated blocks were compiled in place beforehand (`common.compile_blocks`)."""
     import open_clip
 
     from hf_clip.training import ClipLoss, create_optimizer
@@ -110,7 +112,7 @@ def make_step(
         def loss_of() -> torch.Tensor:
             return model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
 
-    forward_loss = torch.compile(loss_of) if compile else loss_of
+    forward_loss = torch.compile(loss_of) if compile == "graph" else loss_of
 
     def step() -> torch.Tensor:
         with common.autocast(device, dtype):
@@ -200,11 +202,15 @@ def bench_model(
     impls = list(model_set.models)
     for model in model_set.models.values():
         model.train()
+        if args.compile == "blocks":
+            common.compile_blocks(model)
     config, batch = model_set.config, args.batch_size
     pixels, ids = common.make_inputs(batch, model_set.image_size, config.text_config.vocab_size, device)
     # The references run all 77 caption positions; hf_clip stops at the batch's last end-of-text token
-    # (not when compiled: the trimmed length is data-dependent, so the compiled graph runs all of them).
-    positions = None if args.compile else common.text_positions_run(ids, config.text_config.eos_token_id)
+    # (not when compiled whole: the trimmed length is data-dependent, so that graph runs all of them).
+    positions = (
+        None if args.compile == "graph" else common.text_positions_run(ids, config.text_config.eos_token_id)
+    )
     flops = {impl: step_flops(config, batch, positions if impl == "hf_clip" else None) for impl in impls}
     rows = []
     for dtype in args.dtypes:
@@ -374,7 +380,7 @@ def main() -> None:
     device = common.parse_device(args.device)
     info = common.machine_info(device)
     peak = common.load_matmul_peak(args.results_dir, device, info)
-    stem = "training_compiled" if args.compile else "training"
+    stem = f"training_compiled_{args.compile}" if args.compile else "training"
     rows = []
     for name in args.models:
         rows.extend(bench_model(name, args, device, peak))

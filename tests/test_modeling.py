@@ -175,6 +175,34 @@ def test_trimming_after_end_of_text_changes_no_embedding():
     assert text_model(ids).last_hidden_state.shape[1] == 77
 
 
+def test_trim_length_is_queued_before_the_image_tower_and_read_after_it(monkeypatch):
+    """On a GPU, reading the trim length right after the image tower would leave the GPU idle while the
+    host queues the text tower; the joint forward asks for it first and reads it only when needed."""
+    from hf_clip import modeling_hf_clip
+
+    events = []
+    real_init, real_get = modeling_hf_clip.TrimLength.__init__, modeling_hf_clip.TrimLength.get
+
+    def init(self, index):
+        events.append("length queued")
+        real_init(self, index)
+
+    def get(self):
+        events.append("length read")
+        return real_get(self)
+
+    monkeypatch.setattr(modeling_hf_clip.TrimLength, "__init__", init)
+    monkeypatch.setattr(modeling_hf_clip.TrimLength, "get", get)
+    model = HfClipModel(tiny_config()).train()
+    model.vision_model.register_forward_hook(lambda *_: events.append("image tower done"))
+    out = model(input_ids=ids_batch(), pixel_values=pixels(model.config), return_loss=True)
+    assert events == ["length queued", "image tower done", "length read"]
+    assert out.text_model_output.last_hidden_state.shape[1] == 12
+    out.loss.backward()
+    assert model.text_model.encoder.layers[0].mlp.fc1.weight.grad is not None
+    assert modeling_hf_clip.TrimLength(torch.tensor([3, 11, 7])).get() == 12
+
+
 @pytest.mark.parametrize("vision_type", ["vit", "resnet"])
 def test_eager_equals_sdpa(vision_type):
     cfg = tiny_config(vision_type)
