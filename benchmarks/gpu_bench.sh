@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # hf_clip vs open_clip vs transformers on one CUDA GPU (written for an H200): bf16 autocast, SDPA attention
-# (PyTorch picks its flash kernel for bf16, head dim 64, no mask), plus the ViT-B/16 training MFU.
+# (PyTorch picks its fused kernel: cuDNN's flash attention on an H200 with torch 2.11), plus the ViT-B/16
+# training MFU.
 #
 # Needs only what `pip install -e .[test]` installs; installs and downloads nothing (random weights).
 # About 4 minutes on an H200 (each step is time-limited), most of it model construction, warm-up and
 # compilation.
 #
-#   bash benchmarks/gpu_bench.sh [RESULTS_DIR]     # default benchmarks/results
+#   bash benchmarks/gpu_bench.sh [RESULTS_DIR]     # default benchmarks/results/cuda
 #   PYTHON=/path/to/venv/bin/python bash benchmarks/gpu_bench.sh   # if `python` is not the project's
 #
 # Writes matmul_peak_cuda.json, training_cuda.{json,png}, training_compiled_blocks_cuda.{json,png} and
 # inference_cuda.{json,png} to RESULTS_DIR, then prints the ViT-B/16 training MFU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-RESULTS="${1:-benchmarks/results}"
+RESULTS="${1:-benchmarks/results/cuda}"
 mkdir -p "$RESULTS"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false
