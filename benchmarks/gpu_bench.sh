@@ -11,7 +11,7 @@
 #   PYTHON=/path/to/venv/bin/python bash benchmarks/gpu_bench.sh   # if `python` is not the project's
 #
 # Writes matmul_peak_cuda.json, training_cuda.{json,png}, training_compiled_blocks_cuda.{json,png} and
-# inference_cuda.{json,png} to RESULTS_DIR, then prints the ViT-B/16 training MFU.
+# inference_cuda.{json,png} and gpu_clocks.csv to RESULTS_DIR, then prints the ViT-B/16 training MFU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS="${1:-benchmarks/results/cuda}"
@@ -39,6 +39,15 @@ step() {
     timeout --kill-after=10 "$limit" "$@" || echo "!!! step failed or timed out (exit $?)"
     echo "(${SECONDS}s)"
 }
+
+# SM clock, power and temperature every half second: a GEMM probe slower between training steps than on its
+# own (seen on the H200: 482-621 against 783 TFLOP/s) is then explained by the clocks or ruled out.
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu \
+        --format=csv -lms 500 > "$RESULTS/gpu_clocks.csv" 2>/dev/null &
+    CLOCKS_PID=$!
+    trap 'kill $CLOCKS_PID 2>/dev/null' EXIT
+fi
 
 # Denominator of every "% of peak": the measured dense bf16 / fp32 GEMM rate of this GPU.
 step 45 "$PYTHON" benchmarks/bench_matmul_peak.py --device cuda --repeats 5 --results-dir "$RESULTS"
