@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +157,32 @@ def test_webdataset_shards_streaming(tmp_path):
     )
     run_pretraining(args)
     assert (Path(args.output_dir) / "model.safetensors").exists()
+
+
+@pytest.mark.skipif(
+    not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler on CPU"
+)
+def test_torch_compile_trains_the_same_model(tmp_path):
+    """--torch_compile really compiles (also for a second run in one process, which accelerate's own
+    dynamo setting ignored), trains the same model, and saves it without the compile wrapper's prefix."""
+    from torch._dynamo.utils import counters
+
+    from hf_clip import HfClipModel
+
+    run_pretraining(tiny_args(tmp_path / "eager"))
+    compiled_frames = counters["frames"]["ok"]
+    run_pretraining(tiny_args(tmp_path / "compiled", torch_compile=True))
+    assert counters["frames"]["ok"] > compiled_frames
+    eager, compiled = (logged_losses(tmp_path / run / "run") for run in ("eager", "compiled"))
+    assert compiled.keys() == eager.keys()
+    assert list(compiled.values()) == pytest.approx(list(eager.values()), rel=1e-5)
+    eager_model = HfClipModel.from_pretrained(tmp_path / "eager" / "run")
+    compiled_model = HfClipModel.from_pretrained(tmp_path / "compiled" / "run")
+    for (name, a), (other, b) in zip(
+        eager_model.state_dict().items(), compiled_model.state_dict().items(), strict=True
+    ):
+        assert name == other
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # Adam turns 1e-7 loss noise into ~1e-5
 
 
 def test_non_finite_loss_names_the_step(tmp_path, monkeypatch):

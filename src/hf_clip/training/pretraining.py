@@ -89,7 +89,8 @@ class PretrainArguments:
     loss: str = field(default="clip", metadata={"help": "'clip' (softmax) or 'siglip' (sigmoid)."})
     gradient_checkpointing: bool = False
     torch_compile: bool = field(
-        default=False, metadata={"help": "Compile the model with torch.compile (inductor)."}
+        default=False,
+        metadata={"help": "Compile the model with torch.compile (inductor); the first steps then compile."},
     )
     patch_dropout: float = field(
         default=0.0,
@@ -217,7 +218,6 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=str(output_dir),
         kwargs_handlers=handlers,
-        dynamo_backend="inductor" if args.torch_compile else None,
     )
     set_seed(args.seed)
     train_data, eval_data = _load_datasets(args)
@@ -299,8 +299,15 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         ds_config["train_batch_size"] = args.per_device_train_batch_size * accelerator.num_processes
         ds_config["gradient_accumulation_steps"] = 1
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    raw_model = accelerator.unwrap_model(model)
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if args.torch_compile:
+        # Compiled here, after wrapping, as accelerate's dynamo_backend would: accelerate keeps that setting
+        # in per-process state, so a second run in the same process (a notebook, a test) silently ignored it.
+        if is_deepspeed:
+            model.compile(backend="inductor")  # DeepSpeedEngine compiles its module in place
+        else:
+            model = torch.compile(model)
+    raw_model = accelerator.unwrap_model(model)
     if is_deepspeed and args.gradient_accumulation_steps > 1:
         raise ValueError(
             "--gradient_accumulation_steps > 1 uses GradCache, which is not supported under DeepSpeed."
