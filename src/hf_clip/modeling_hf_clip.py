@@ -376,7 +376,8 @@ class TrimLength:
         if length.device.type == "cuda":
             self._host = length.to("cpu", non_blocking=True)  # pinned, asynchronous
             self._event = torch.cuda.Event()
-            self._event.record()
+            # On the stream the copy was queued on: that of the ids' GPU, whichever GPU is current.
+            self._event.record(torch.cuda.current_stream(length.device))
         else:
             self._host = length
 
