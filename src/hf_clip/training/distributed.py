@@ -43,21 +43,32 @@ class _GatherWithGrad(torch.autograd.Function):
     def forward(ctx, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         rank, world_size = distributed_world()
         max_size = max(sizes)
+        ctx.sizes, ctx.rank, ctx.max_size = sizes, rank, max_size
+        gathered = tensor.new_empty((world_size * max_size, *tensor.shape[1:]))
+        if min(sizes) == max_size:  # the usual case: the gather's buffer is already the global batch
+            _all_gather_single(gathered, tensor.contiguous())
+            return gathered
         padded = tensor.new_zeros((max_size, *tensor.shape[1:]))
         padded[: tensor.shape[0]] = tensor
-        gathered = tensor.new_empty((world_size * max_size, *tensor.shape[1:]))
-        _all_gather_single(gathered, padded.contiguous())
-        ctx.sizes, ctx.rank, ctx.max_size = sizes, rank, max_size
+        _all_gather_single(gathered, padded)
         chunks = gathered.view(world_size, max_size, *tensor.shape[1:])
         return torch.cat([chunks[i, :n] for i, n in enumerate(sizes)])
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
         sizes, rank, max_size = ctx.sizes, ctx.rank, ctx.max_size
-        padded = grad_output.new_zeros((len(sizes), max_size, *grad_output.shape[1:]))
-        for i, chunk in enumerate(grad_output.split(sizes)):
-            padded[i, : sizes[i]] = chunk
-        if dist.get_backend() == dist.Backend.NCCL:
+        nccl = dist.get_backend() == dist.Backend.NCCL
+        if min(sizes) == max_size:
+            # Equal shards need no padding; the gloo all-reduce below works in place, so it gets a copy.
+            padded = (
+                grad_output.contiguous() if nccl else grad_output.clone(memory_format=torch.contiguous_format)
+            )
+            padded = padded.view(len(sizes), max_size, *grad_output.shape[1:])
+        else:
+            padded = grad_output.new_zeros((len(sizes), max_size, *grad_output.shape[1:]))
+            for i, chunk in enumerate(grad_output.split(sizes)):
+                padded[i, : sizes[i]] = chunk
+        if nccl:
             grad = grad_output.new_empty((max_size, *grad_output.shape[1:]))
             _reduce_scatter_single(grad, padded.view(-1, *grad_output.shape[1:]))
         else:
