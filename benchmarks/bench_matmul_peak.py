@@ -8,14 +8,22 @@ peak saved here in results/matmul_peak_<device>.json when it was measured on the
 model, core count, torch threads, GPU). On a shared machine the two differ by however much the load
 changed between the runs.
 
+With `--sustain-seconds S` it also runs each dtype's best size back to back for S seconds and reports the
+median rate of the second half: a GPU's clocks drop under sustained load (on the H200 the 16384 size, whose
+repetitions last longest, measured 644 TFLOP/s against 783 at 8192), and a training run is sustained load.
+
     python benchmarks/bench_matmul_peak.py [--device cpu|cuda] [--sizes 1024 2048 4096] [--repeats 5] [--quick]
+        [--sustain-seconds 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import time
 from pathlib import Path
+from typing import Any
 
 import _common as common
 import torch
@@ -30,6 +38,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--inner", type=int, help="products per timed repetition (default 1 on CPU, 20 on GPU)"
     )
+    parser.add_argument(
+        "--sustain-seconds", type=float, default=0.0, help="also measure each dtype's sustained rate"
+    )
     parser.add_argument("--quick", action="store_true", help="one size, three repetitions (smoke run)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: one per core)")
     parser.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
@@ -37,6 +48,20 @@ def parse_args() -> argparse.Namespace:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1.")
     return args
+
+
+def sustained_rate(device: torch.device, dtype: str, n: int, seconds: float) -> dict[str, Any]:
+    """GEMMs of size n back to back for `seconds`, timed in chunks of about a quarter second; the
+    median chunk rate of the second half, after clocks and temperature have settled."""
+    gemm = common._gemm(device, dtype, n)
+    one_call = common.time_call(gemm, device)[0]  # also the warm-up
+    per_chunk = max(1, int(0.25 / max(one_call, 1e-6)))
+    rates = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        rates.append(2 * n**3 / common.time_call(gemm, device, per_chunk)[0])
+    settled = rates[len(rates) // 2 :]
+    return {"n": n, "seconds": seconds, "flops_per_s": statistics.median(settled), "chunk_rates": rates}
 
 
 def main() -> None:
@@ -68,6 +93,15 @@ def main() -> None:
     )
 
     data = {"machine": info, "sizes": sizes, "repeats": repeats, "inner": inner, **result}
+    if args.sustain_seconds > 0:
+        data["sustained"] = {}
+        for dtype, entries in result["by_size"].items():
+            best = max(entries, key=lambda n: entries[n]["flops_per_s"])
+            data["sustained"][dtype] = sustained_rate(device, dtype, int(best), args.sustain_seconds)
+            print(
+                f"sustained {dtype} (n={best}, {args.sustain_seconds:g} s back to back): "
+                f"{data['sustained'][dtype]['flops_per_s'] / 1e9:,.1f} GFLOP/s"
+            )
     path = common.matmul_peak_path(args.results_dir, device)
     if args.quick:
         path = path.with_name(path.stem + "_quick.json")
