@@ -4,7 +4,7 @@
 # training MFU.
 #
 # Needs only what `pip install -e .[test]` installs; installs and downloads nothing (random weights).
-# About 4 minutes on an H200 (each step is time-limited), most of it model construction, warm-up and
+# About 4-5 minutes on an H200 (each step is time-limited), most of it model construction, warm-up and
 # compilation.
 #
 #   bash benchmarks/gpu_bench.sh [RESULTS_DIR]     # default benchmarks/results/cuda
