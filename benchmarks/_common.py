@@ -354,9 +354,9 @@ def make_inputs(
 def text_positions_run(ids: torch.Tensor, eos_token_id: int) -> int:
     """Positions hf_clip's text tower runs for this batch: up to the last first-end-of-text token (it trims
     the rest, which cannot reach the embedding); the references run all of them."""
-    is_eos = ids == eos_token_id
-    index = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), ids.shape[-1] - 1)
-    return int(index.max()) + 1
+    from hf_clip.modeling_hf_clip import TrimLength, _eos_index
+
+    return TrimLength(_eos_index(ids, eos_token_id)).get()
 
 
 def meta_hf_clip(config: Any) -> nn.Module:
@@ -379,7 +379,7 @@ def count_flops(fn: Callable[[], object]) -> int:
 # ------------------------------------------------------------------------------------------ matmul peak
 
 
-def _gemm(device: torch.device, dtype: str, n: int) -> Callable[[], object]:
+def gemm(device: torch.device, dtype: str, n: int) -> Callable[[], object]:
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     a = torch.randn(n, n, device=device, dtype=torch_dtype)
     b = torch.randn(n, n, device=device, dtype=torch_dtype)
@@ -396,7 +396,7 @@ def measure_matmul_peak(
     desc: str = "matmul",
 ) -> dict[str, Any]:
     """Median GEMM FLOP/s per (dtype, size); a dtype's peak is its best size."""
-    runners = {(dtype, n): _gemm(device, dtype, n) for dtype in dtypes for n in sizes}
+    runners = {(dtype, n): gemm(device, dtype, n) for dtype in dtypes for n in sizes}
     samples = interleaved(runners, device, 1, repeats, inner, desc)
     by_size: dict[str, dict[str, Any]] = {dtype: {} for dtype in dtypes}
     for (dtype, n), sample in samples.items():
@@ -431,7 +431,7 @@ def gemm_probe(device: torch.device, dtype: str) -> tuple[dict[str, Callable[[],
     the same interleaved rounds as the models, so "% of peak" compares rates measured under the same
     machine load. Returns ({PROBE: runner}, FLOPs per call)."""
     n = 4096 if device.type == "cpu" else 8192
-    return {PROBE: _gemm(device, dtype, n)}, 2 * n**3
+    return {PROBE: gemm(device, dtype, n)}, 2 * n**3
 
 
 def pct_of_peak(flops_per_s: float, probe_flops_per_s: float, saved: Mapping[str, Any], dtype: str) -> dict:

@@ -53,7 +53,7 @@ def parse_args() -> argparse.Namespace:
 def sustained_rate(device: torch.device, dtype: str, n: int, seconds: float) -> dict[str, Any]:
     """GEMMs of size n back to back for `seconds`, timed in chunks of about a quarter second; the
     median chunk rate of the second half, after clocks and temperature have settled."""
-    gemm = common._gemm(device, dtype, n)
+    gemm = common.gemm(device, dtype, n)
     one_call = common.time_call(gemm, device)[0]  # also the warm-up
     per_chunk = max(1, int(0.25 / max(one_call, 1e-6)))
     rates = []

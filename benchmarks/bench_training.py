@@ -81,11 +81,11 @@ def make_step(
     ids: torch.Tensor,
     dtype: str,
     device: torch.device,
-    compile: str | None = None,
+    compile_mode: str | None = None,
 ) -> tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]:
     """The step as each library's documentation trains: its forward, its loss, backward, AdamW.
 
-    With compile="graph", forward and loss are one torch.compile'd graph (backward follows through
+    With compile_mode="graph", forward and loss are one torch.compile'd graph (backward follows through
     AOTAutograd); the optimizer step stays eager, as `accelerate`'s dynamo_backend leaves it. With
     "blocks", the model's repeated blocks were compiled in place beforehand (`common.compile_blocks`)."""
     import open_clip
@@ -112,7 +112,7 @@ def make_step(
         def loss_of() -> torch.Tensor:
             return model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
 
-    forward_loss = torch.compile(loss_of) if compile == "graph" else loss_of
+    forward_loss = torch.compile(loss_of) if compile_mode == "graph" else loss_of
 
     def step() -> torch.Tensor:
         with common.autocast(device, dtype):

@@ -343,7 +343,9 @@ class HfClipTextTransformer(HfClipPreTrainedModel):
                 "tokenize with truncation=True, max_length=77."
             )
         # First end-of-text position: correct whether padding uses 0 or the end-of-text id itself.
-        index = _eos_index(input_ids, self.config.eos_token_id)
+        index = (
+            trim.index if isinstance(trim, TrimLength) else _eos_index(input_ids, self.config.eos_token_id)
+        )
         if trim and not output_hidden_states and _can_trim(input_ids) and index.numel():
             seq = trim.get() if isinstance(trim, TrimLength) else TrimLength(index).get()
             input_ids = input_ids[:, :seq]
@@ -371,6 +373,7 @@ class TrimLength:
     against about 3% in transformers' CLIPModel: benchmarks/bench_attention_layout.py.)"""
 
     def __init__(self, index: torch.Tensor) -> None:
+        self.index = index  # each row's first end-of-text position, reused for pooling
         length = index.max() + 1
         self._event = None
         if length.device.type == "cuda":
