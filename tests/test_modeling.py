@@ -175,6 +175,64 @@ def test_trimming_after_end_of_text_changes_no_embedding():
     assert text_model(ids).last_hidden_state.shape[1] == 77
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_class_token_only_last_block_changes_no_image_embedding(attn):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.vision_config.num_attention_heads = 4
+    model = HfClipModel(cfg).eval()
+    model.set_attn_implementation(attn)
+    assert model.vision_model.config._attn_implementation == attn
+    with torch.no_grad():  # random class token and biases, or the test could pass with a broken slice
+        for p in model.vision_model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    px = pixels(cfg)
+    full = model.vision_model(px)
+    pooled = model.vision_model(px, pooled_only=True)
+    assert full.last_hidden_state.shape[1] == 17 and pooled.last_hidden_state.shape[1] == 1
+    torch.testing.assert_close(pooled.pooler_output, full.pooler_output, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        pooled.last_hidden_state[:, 0], full.last_hidden_state[:, 0], rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        model.get_image_features(px), model.visual_projection(full.pooler_output), rtol=1e-5, atol=1e-6
+    )
+    # Hidden states asked for: every block runs in full.
+    states = model.vision_model(px, output_hidden_states=True, pooled_only=True)
+    assert states.last_hidden_state.shape[1] == 17 and len(states.hidden_states) == 3
+    # Training through get_image_features (GradCache does): the same gradients.
+    model.train()
+    grads = []
+    for fn in (
+        model.get_image_features,
+        lambda x: model.visual_projection(model.vision_model(x).pooler_output),
+    ):
+        model.zero_grad()
+        fn(px).pow(2).sum().backward()
+        grads.append(
+            {n: p.grad.clone() for n, p in model.vision_model.named_parameters() if p.grad is not None}
+        )
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[1].items():  # float rounding: within 1e-5 of each gradient's scale
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
+    # bf16 autocast inference.
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(
+            model.get_image_features(px).float(),
+            model.visual_projection(model.vision_model(px).pooler_output).float(),
+            rtol=0.05,
+            atol=0.05,
+        )
+    # The ResNet tower takes the flag for a common interface; its attention pool is already query-only.
+    resnet = HfClipModel(tiny_config("resnet")).eval()
+    rpx = pixels(resnet.config)
+    torch.testing.assert_close(
+        resnet.vision_model(rpx, pooled_only=True).pooler_output, resnet.vision_model(rpx).pooler_output
+    )
+
+
 def test_trim_length_is_queued_before_the_image_tower_and_read_after_it(monkeypatch):
     """On a GPU, reading the trim length right after the image tower would leave the GPU idle while the
     host queues the text tower; the joint forward asks for it first and reads it only when needed."""

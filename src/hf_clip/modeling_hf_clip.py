@@ -135,12 +135,18 @@ class HfClipAttention(nn.Module):
         self.qkv_proj = HfClipLinear(self.embed_dim, 3 * self.embed_dim)
         self.out_proj = HfClipLinear(self.embed_dim, self.embed_dim)
 
-    def forward(self, hidden_states: torch.Tensor, causal_mask: torch.Tensor | None = None) -> torch.Tensor:
-        batch, seq, _ = hidden_states.shape
+    def forward(
+        self, hidden_states: torch.Tensor, causal_mask: torch.Tensor | None = None, first_only: bool = False
+    ) -> torch.Tensor:
+        """`first_only`: the output for the first token alone (its query against every key and value). The
+        projection stays one call of the fused module, which adapters (LoRA) and quantisers may replace."""
+        batch, seq, width = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).view(batch, seq, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if first_only:
+            q = q[:, :, :1]
         out, _ = _attention(self, q, k, v, causal_mask)
-        return self.out_proj(out.reshape(batch, seq, self.embed_dim))
+        return self.out_proj(out.reshape(batch, q.shape[2], width))
 
 
 class HfClipMLP(nn.Module):
@@ -165,8 +171,11 @@ class HfClipEncoderLayer(GradientCheckpointingLayer):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = HfClipMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor, causal_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), causal_mask)
+    def forward(
+        self, hidden_states: torch.Tensor, causal_mask: torch.Tensor | None = None, first_only: bool = False
+    ) -> torch.Tensor:
+        residual = hidden_states[:, :1] if first_only else hidden_states
+        hidden_states = residual + self.self_attn(self.layer_norm1(hidden_states), causal_mask, first_only)
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
@@ -180,10 +189,13 @@ class HfClipEncoder(nn.Module):
         hidden_states: torch.Tensor,
         causal_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        first_only: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """`first_only`: the last layer computes the first token's output alone (see HfClipVisionTransformer)."""
         all_states = (hidden_states,) if output_hidden_states else None
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, causal_mask)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states, causal_mask, first_only and i == last)
             if output_hidden_states:
                 all_states += (hidden_states,)
         return hidden_states, all_states
@@ -432,7 +444,12 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
         pixel_values: torch.Tensor,
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
+        pooled_only: bool = False,
     ) -> BaseModelOutputWithPooling:
+        """`pooled_only=True` runs the last block for the class token alone: the pooled features read only
+        that token, so `pooler_output` is unchanged (to float rounding) while the last block's out
+        projection and MLP run one row instead of 50 (ViT-B/32) or 197 (ViT-B/16): about 1/12 of the
+        tower's work. `last_hidden_state` then holds the class token only."""
         height, width = pixel_values.shape[-2:]
         patch = self.config.patch_size
         _check_size(height, width, self.config.image_size, interpolate_pos_encoding, patch)
@@ -447,7 +464,7 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
         if self.training and self.config.patch_dropout > 0:
             x = _drop_patches(x, self.config.patch_dropout)
         x = self.pre_layernorm(x)
-        x, states = self.encoder(x, None, output_hidden_states)
+        x, states = self.encoder(x, None, output_hidden_states, pooled_only and not output_hidden_states)
         pooled = self.post_layernorm(x[:, 0])
         return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states)
 
@@ -549,7 +566,10 @@ class HfClipResNet(HfClipPreTrainedModel):
         pixel_values: torch.Tensor,
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
+        pooled_only: bool = False,
     ) -> BaseModelOutputWithPooling:
+        """`pooled_only` is accepted for a common tower interface: the attention pool already computes its
+        one query alone."""
         _check_size(*pixel_values.shape[-2:], self.config.image_size, interpolate_pos_encoding, 32)
         # Channels-last activations: oneDNN's and cuDNN's fast convolution layout (1.25x fp32, 1.9x bf16 for
         # RN50 on CPU, benchmarks/bench_inference.py); the weights keep their layout.
@@ -744,8 +764,10 @@ class HfClipModel(HfClipPreTrainedModel):
     def get_image_features(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs: Any
     ) -> torch.Tensor:
-        """Projected, unnormalised image embeddings [batch, projection_dim]."""
-        return self.visual_projection(self.vision_model(pixel_values, interpolate_pos_encoding).pooler_output)
+        """Projected, unnormalised image embeddings [batch, projection_dim]. A ViT's last block runs for the
+        class token alone (`pooled_only`), which changes no embedding."""
+        out = self.vision_model(pixel_values, interpolate_pos_encoding, pooled_only=True)
+        return self.visual_projection(out.pooler_output)
 
     def forward(
         self,
