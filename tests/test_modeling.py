@@ -197,6 +197,13 @@ def test_class_token_only_last_block_changes_no_image_embedding(attn):
     torch.testing.assert_close(
         model.get_image_features(px), model.visual_projection(full.pooler_output), rtol=1e-5, atol=1e-6
     )
+    # The joint forward too (training runs it); hidden states asked for, every token.
+    ids = ids_batch()
+    out = model(input_ids=ids, pixel_values=px)
+    assert out.vision_model_output.last_hidden_state.shape[1] == 1
+    with_states = model(input_ids=ids, pixel_values=px, output_hidden_states=True)
+    assert with_states.vision_model_output.last_hidden_state.shape[1] == 17
+    torch.testing.assert_close(out.logits_per_image, with_states.logits_per_image, rtol=1e-5, atol=1e-5)
     # Hidden states asked for: every block runs in full.
     states = model.vision_model(px, output_hidden_states=True, pooled_only=True)
     assert states.last_hidden_state.shape[1] == 17 and len(states.hidden_states) == 3

@@ -780,9 +780,11 @@ class HfClipModel(HfClipPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> HfClipOutput | tuple[Any, ...]:
-        """Contrastive logits (and the loss with `return_loss=True`). Captions are trimmed after the batch's
-        last end-of-text token, which changes no embedding, so `text_model_output.last_hidden_state` is that
-        long; `output_hidden_states=True` runs all positions."""
+        """Contrastive logits (and the loss with `return_loss=True`). Only what reaches the embeddings runs:
+        captions are trimmed after the batch's last end-of-text token, and a ViT's last block runs for the
+        class token alone, which changes no embedding (nor gradient). `text_model_output.last_hidden_state`
+        is then that long and `vision_model_output.last_hidden_state` holds the class token;
+        `output_hidden_states=True` runs every position and token."""
         if input_ids is None or pixel_values is None:
             raise ValueError(
                 "HfClipModel.forward needs both input_ids and pixel_values; use get_text_features or "
@@ -792,7 +794,9 @@ class HfClipModel(HfClipPreTrainedModel):
         if trim and _can_trim(input_ids) and input_ids.numel():
             # Queued before the image tower, read after it: see TrimLength.
             trim = TrimLength(_eos_index(input_ids, self.config.text_config.eos_token_id))
-        vision_out = self.vision_model(pixel_values, interpolate_pos_encoding, output_hidden_states)
+        vision_out = self.vision_model(
+            pixel_values, interpolate_pos_encoding, output_hidden_states, pooled_only=True
+        )
         text_out = self.text_model(input_ids, output_hidden_states=output_hidden_states, trim=trim)
         image_embeds = _normalize(self.visual_projection(vision_out.pooler_output))
         text_embeds = _normalize(self.text_projection(text_out.pooler_output))
