@@ -175,6 +175,48 @@ def test_trimming_after_end_of_text_changes_no_embedding():
     assert text_model(ids).last_hidden_state.shape[1] == 77
 
 
+def test_patch_embedding_is_the_convolution_as_one_gemm():
+    import torch.nn.functional as F
+
+    from hf_clip.modeling_hf_clip import HfClipPatchEmbedding
+
+    torch.manual_seed(0)
+    patch = HfClipPatchEmbedding(3, 16, kernel_size=8, stride=8, bias=False)
+    for size in ((32, 32), (35, 42)):  # the convolution drops a remainder; so does the GEMM
+        x = torch.randn(2, 3, *size)
+        out = patch(x)
+        ref = F.conv2d(x, patch.weight, stride=8)
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(out.square().sum(), patch.weight)
+    (ref_grad,) = torch.autograd.grad(ref.square().sum(), patch.weight)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max().item())
+
+
+def test_bf16_cpu_training_uses_eager_attention_for_short_sequences(monkeypatch):
+    import hf_clip.modeling_hf_clip as modeling
+
+    calls = []
+    real = modeling.eager_attention_forward
+    monkeypatch.setattr(
+        modeling, "eager_attention_forward", lambda *a, **k: calls.append(a[1].shape[-2]) or real(*a, **k)
+    )
+    cfg = tiny_config()
+    model = HfClipModel(cfg).train()
+    ids, px = ids_batch(), pixels(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, pixel_values=px, return_loss=True).loss.backward()
+    assert len(calls) == 4  # two text and two image layers
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # inference keeps SDPA
+        model.eval()(input_ids=ids, pixel_values=px)
+    model.train()
+    model(input_ids=ids, pixel_values=px, return_loss=True).loss.backward()  # fp32 keeps SDPA
+    assert calls == []
+    q = torch.zeros(1, 1, 78, 8, dtype=torch.bfloat16, requires_grad=True)
+    assert not modeling._slow_cpu_sdpa_backward(q)  # longer than the text context: SDPA
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_class_token_only_last_block_changes_no_image_embedding(attn):
     torch.manual_seed(0)
@@ -337,7 +379,7 @@ def test_auto_classes_save_load_and_dtype(tmp_path):
     text = HfClipTextModelWithProjection.from_pretrained(tmp_path).eval()
     assert torch.allclose(text(ids).text_embeds, model.get_text_features(ids), atol=1e-6)
     vision = HfClipVisionModelWithProjection.from_pretrained(tmp_path).eval()
-    assert torch.allclose(vision(pixels(cfg)).image_embeds, model.get_image_features(pixels(cfg)))
+    assert torch.allclose(vision(pixels(cfg)).image_embeds, model.get_image_features(pixels(cfg)), atol=1e-6)
     assert HfClipTextModel.from_pretrained(tmp_path)(ids).pooler_output.shape == (3, 64)
 
 
@@ -396,7 +438,8 @@ def test_autocast_inference_keeps_cast_weights_until_they_change(vision_type):
     from hf_clip.modeling_hf_clip import HfClipLinear
 
     cfg = tiny_config(vision_type)
-    model = HfClipModel(cfg).eval()
+    # Frozen, so that with gradients enabled (no kept casts) attention still takes inference's SDPA kernel.
+    model = HfClipModel(cfg).eval().requires_grad_(False)
     ids, px = ids_batch(), pixels(cfg)
 
     def embed(grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
