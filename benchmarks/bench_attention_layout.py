@@ -31,23 +31,30 @@ from bench_training import make_step, prime_optimizer
 from hf_clip.modeling_hf_clip import HfClipAttention, _attention
 
 
-def _fused_contiguous(self: HfClipAttention, hidden_states: torch.Tensor, causal_mask: Any = None) -> Any:
+# Each variant keeps HfClipAttention.forward's contract, `first_only` (the class token's query alone) included.
+def _fused_contiguous(
+    self: HfClipAttention, hidden_states: torch.Tensor, causal_mask: Any = None, first_only: bool = False
+) -> Any:
     batch, seq, _ = hidden_states.shape
     qkv = self.qkv_proj(hidden_states).view(batch, seq, 3, self.num_heads, self.head_dim)
-    q, k, v = (t.contiguous() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = (t.contiguous() for t in (q[:, :, :1] if first_only else q, k, v))
     out, _ = _attention(self, q, k, v, causal_mask)
-    return self.out_proj(out.reshape(batch, seq, self.embed_dim))
+    return self.out_proj(out.reshape(batch, q.shape[2], self.embed_dim))
 
 
-def _split(self: HfClipAttention, hidden_states: torch.Tensor, causal_mask: Any = None) -> Any:
+def _split(
+    self: HfClipAttention, hidden_states: torch.Tensor, causal_mask: Any = None, first_only: bool = False
+) -> Any:
     batch, seq, _ = hidden_states.shape
     weight, bias = self.qkv_proj._weights(hidden_states)
+    rows = (hidden_states[:, :1] if first_only else hidden_states, hidden_states, hidden_states)
     q, k, v = (
-        F.linear(hidden_states, w, b).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        for w, b in zip(weight.chunk(3), bias.chunk(3), strict=True)
+        F.linear(x, w, b).view(batch, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        for x, w, b in zip(rows, weight.chunk(3), bias.chunk(3), strict=True)
     )
     out, _ = _attention(self, q, k, v, causal_mask)
-    return self.out_proj(out.reshape(batch, seq, self.embed_dim))
+    return self.out_proj(out.reshape(batch, q.shape[2], self.embed_dim))
 
 
 VARIANTS = {"fused": None, "fused-contiguous": _fused_contiguous, "split": _split}
