@@ -191,6 +191,8 @@ def test_patch_embedding_is_the_convolution_as_one_gemm():
     (grad,) = torch.autograd.grad(out.square().sum(), patch.weight)
     (ref_grad,) = torch.autograd.grad(ref.square().sum(), patch.weight)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max().item())
+    with pytest.raises(ValueError, match="kernel = stride"):
+        HfClipPatchEmbedding(3, 16, kernel_size=8, stride=4)
 
 
 def test_bf16_cpu_training_uses_eager_attention_for_short_sequences(monkeypatch):

@@ -87,6 +87,21 @@ class HfClipPatchEmbedding(HfClipConv2d):
     took 273 ms of a 2.9 s ViT-B/32 training step at batch 32; as a GEMM the step is 1.1x faster (fp32
     unchanged). Returns the convolution's [batch, width, rows, cols] as a view of the GEMM's output."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        k = self.kernel_size
+        if (
+            k[0] != k[1]
+            or self.stride != k
+            or self.padding != (0, 0)
+            or self.dilation != (1, 1)
+            or self.groups != 1
+        ):
+            raise ValueError(
+                "HfClipPatchEmbedding is a square patchify (kernel = stride, no padding, dilation or groups); "
+                f"got kernel {k}, stride {self.stride}, padding {self.padding}. Use HfClipConv2d for others."
+            )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         p = self.kernel_size[0]
