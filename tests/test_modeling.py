@@ -195,6 +195,37 @@ def test_patch_embedding_is_the_convolution_as_one_gemm():
         HfClipPatchEmbedding(3, 16, kernel_size=8, stride=4)
 
 
+def test_quick_gelu_in_place_only_where_nothing_can_see_it():
+    from hf_clip.modeling_hf_clip import HfClipMLP, QuickGELU
+
+    torch.manual_seed(0)
+    mlp = HfClipMLP(HfClipVisionConfig(hidden_size=32, intermediate_size=128, hidden_act="quick_gelu"))
+    assert isinstance(mlp.act, QuickGELU)
+    x = torch.randn(2, 5, 32)
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        h = mlp.fc1(x)
+        return mlp.fc2(h * torch.sigmoid(1.702 * h))
+
+    with torch.no_grad():
+        expected = reference(x)
+        assert torch.equal(mlp(x), expected)  # the in-place path is bit-identical
+        seen = []
+        handle = mlp.fc1.register_forward_hook(lambda m, i, out: seen.append(out))
+        assert torch.equal(mlp(x), expected)
+        handle.remove()
+        torch.testing.assert_close(seen[0], mlp.fc1(x), rtol=0, atol=0)  # a hooked output is left alone
+        seen.clear()
+        handle = mlp.act.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        mlp(x)
+        handle.remove()
+        torch.testing.assert_close(seen[0], mlp.fc1(x), rtol=0, atol=0)
+    # With gradients the activation's input is needed for backward: gradients match the plain formula.
+    (grad,) = torch.autograd.grad(mlp(x).square().sum(), mlp.fc1.weight)
+    (ref_grad,) = torch.autograd.grad(reference(x).square().sum(), mlp.fc1.weight)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+
+
 def test_bf16_cpu_training_uses_eager_attention_for_short_sequences(monkeypatch):
     import hf_clip.modeling_hf_clip as modeling
 
