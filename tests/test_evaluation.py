@@ -31,8 +31,9 @@ from hf_clip.evaluation import (
     save_result,
     to_markdown,
 )
-from hf_clip.evaluation.linear_probe import parametric_search, sweep_regularization
-from hf_clip.evaluation.loading import align_labels, check_dataset
+from hf_clip.evaluation.classification import classification_result, per_class_names
+from hf_clip.evaluation.linear_probe import evaluate_linear_probe, parametric_search, sweep_regularization
+from hf_clip.evaluation.loading import LabelInfo, align_labels, check_dataset
 from hf_clip.evaluation.metrics import METRICS_DIR, SHIPPED_METRICS
 from hf_clip.evaluation.retrieval import flatten_captions
 
@@ -124,10 +125,30 @@ def test_mean_per_class_recall_by_hand():
 
 def test_top_k_beyond_class_count_and_bad_shapes():
     scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
-    metrics = classification_metrics(scores, [0, 0], top_k=(1, 5))
-    assert metrics["top1_accuracy"] == 0.5 and metrics["top5_accuracy"] == 1.0
+    metrics = classification_metrics(scores, [0, 0], top_k=(1, 2, 5))
+    # Top-5 of 3 classes is 100% whatever the scores: left out, not reported.
+    assert (
+        metrics["top1_accuracy"] == 0.5 and metrics["top2_accuracy"] == 1.0 and "top5_accuracy" not in metrics
+    )
+    for bad in ((), (0, 1), 5):
+        with pytest.raises(ValueError, match="top_k must be"):
+            classification_metrics(scores, [0, 0], top_k=bad)
     with pytest.raises(ValueError, match=r"\[N, C\]"):
         classification_metrics(scores, [0, 0, 1])
+
+
+def test_repeated_class_names_keep_their_own_per_class_entries():
+    # ImageNet's published list has two "missile" and two "sunglasses" classes.
+    assert per_class_names(["missile", "cat", ["missile", "rocket"]]) == [
+        "missile (#0)",
+        "cat",
+        "missile (#2)",
+    ]
+    info = LabelInfo(np.array([0, 1, 2]), ["missile", "cat", "missile"], ["a", "b", "c"])
+    scores = torch.eye(3)[[0, 1, 0]]  # the third image is called the first missile
+    metrics = classification_metrics(scores, info.labels, top_k=(1,))
+    result = classification_result("zero-shot", metrics, info, "m", "d", {})
+    assert result.per_class == {"missile (#0)": 1.0, "cat": 1.0, "missile (#2)": 0.0}
 
 
 # --- retrieval arithmetic ------------------------------------------------------------------------------------
@@ -239,6 +260,12 @@ def test_label_resolution_and_errors():
     assert resolve_labels(strings, "label", ["dog", "cat"]).labels.tolist() == [0, 1, 0]
     with pytest.raises(ValueError, match="not among the class names"):
         resolve_labels(strings, "label", ["dog", "bird"])
+
+    # Shipped lists give some classes as synonyms (FER2013): a string label matches any of them.
+    moods = resolve_labels(
+        Dataset.from_dict({"label": ["joyful", "sad"]}), "label", ["angry", ["happy", "joyful"], "sad"]
+    )
+    assert moods.labels.tolist() == [1, 2] and moods.label_names == ["angry", "happy", "sad"]
 
     integers = Dataset.from_dict({"label": [0, 2]})
     with pytest.raises(ValueError, match=r"without class names.*--classnames"):
@@ -380,6 +407,18 @@ def test_extract_image_features_in_order_and_cached(tmp_path):
         model, _ToTensorProcessor(), ds.select([0, 1]), cache_dir=tmp_path / "c", progress=False
     )
     assert model.image_calls == 4
+    # The key follows the weights the model holds now, not its folder: edited or re-typed weights recompute.
+    with torch.no_grad():
+        model.scale.mul_(2)
+    edited = extract_image_features(model, _ToTensorProcessor(), ds, cache_dir=tmp_path / "c", progress=False)
+    assert model.image_calls == 5
+    torch.testing.assert_close(edited, 2 * expected)
+    model.double()
+    extract_image_features(model, _ToTensorProcessor(), ds, cache_dir=tmp_path / "c", progress=False)
+    assert model.image_calls == 6
+    model.float()
+    with torch.no_grad():
+        model.scale.fill_(1)
 
     paths = Dataset.from_dict({"path": [str(tmp_path / "p.png")]})
     images[0].save(tmp_path / "p.png")
@@ -413,6 +452,23 @@ def test_extract_image_features_bf16_autocast():
     torch.testing.assert_close(half, full, atol=2e-2, rtol=2e-2)
     with pytest.raises(ValueError, match="Unsupported dtype"):
         extract_image_features(model, _ToTensorProcessor(), ds, dtype="int8", progress=False)
+
+
+def test_linear_probe_on_a_few_shot_training_set():
+    # 10 classes x 2 images: a 20% validation share (4 images) cannot hold every class, so the split is random
+    # instead of a stratified one that sklearn would refuse.
+    torch.manual_seed(0)
+    names = [f"c{i}" for i in range(10)]
+    features = Features({"image": Image(), "label": ClassLabel(names=names)})
+    images = [PILImage.new("RGB", (8, 8), (25 * c, 255 - 25 * c, (70 * c) % 256)) for c in range(10)]
+    train = Dataset.from_dict({"image": images * 2, "label": list(range(10)) * 2}, features=features)
+    test = Dataset.from_dict({"image": images, "label": list(range(10))}, features=features)
+    processor = type("Processor", (), {"image_processor": _ToTensorProcessor()})()
+    result = evaluate_linear_probe(
+        _LinearImageModel(), processor, train, test, feature="projected", max_iter=200, top_k=(1, 5)
+    )
+    assert result.config["validation"] == "20% of train (random)" and result.config["num_validation"] == 4
+    assert 0 <= result.metrics["top1_accuracy"] <= 1 and "top5_accuracy" in result.metrics
 
 
 def test_extract_text_features_batches_and_cache(tmp_path):
@@ -452,16 +508,20 @@ def test_save_result_writes_json_markdown_png(tmp_path):
         "zero-shot_pets.png",
     ]
 
+    result.config["split"] = "train"  # another split gets its own files
+    assert save_result(result, tmp_path / "out")["json"].name == "zero-shot_pets_train.json"
+
     multi = EvalResult(
         task="robustness",
         model="tiny",
         dataset="in",
         metrics={"top1_accuracy": 0.8},
         per_dataset={
-            "in": {"top1_accuracy": 0.8, "top1_accuracy_gap": 0.0},
+            "in": {"top1_accuracy": 0.8},
             "shift": {"top1_accuracy": 0.6, "top1_accuracy_gap": -0.2},
         },
     )
     markdown = to_markdown(multi)
-    assert "| shift | 60.00 | -20.00 |" in markdown
+    assert "| in | 80.00 | n/a |" in markdown and "| shift | 60.00 | -20.00 |" in markdown
+    assert save_result(multi, tmp_path / "multi")["plot"].read_bytes()[:4] == b"\x89PNG"
     assert save_result(multi, tmp_path / "out")["plot"].stat().st_size > 0

@@ -209,6 +209,9 @@ def test_shipped_labels_top_k_and_errors(hf_pipe, images):
         hf_pipe(images[0], candidate_labels=LABELS, hypothesis_templates="a photo of a {}.")
     with pytest.raises(ValueError, match=r"\[''\] tokenise to nothing"):
         hf_pipe(images[0], candidate_labels=["cat", ""])
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
+            hf_pipe(images[0], candidate_labels=LABELS, top_k=bad)
 
 
 def test_classifier_accepts_transformers_clip_model(parts, images):

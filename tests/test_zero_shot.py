@@ -309,6 +309,29 @@ def test_classify_returns_sorted_softmax_scores(fake):
         assert result[0]["label"] == classifier.labels[best]
         assert result[0]["score"] == pytest.approx(row[best].item())
         assert result[0]["score"] >= result[1]["score"]
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        classifier.classify(images, processor=_stack_processor, top_k=0)
+    with pytest.raises(ValueError, match=r"image_embeds=embedding.unsqueeze\(0\)"):
+        classifier(torch.randn(8))
+    # A stacked array of images is a batch, not one image.
+    stacked = classifier.classify(
+        torch.stack(images).numpy(),
+        processor=lambda images, return_tensors: _stack_processor(
+            [torch.as_tensor(i) for i in images], return_tensors
+        ),
+    )
+    assert [r[0]["label"] for r in stacked] == [r[0]["label"] for r in results]
+
+
+def test_encoding_runs_in_eval_mode_and_restores_the_callers_mode(fake):
+    model, tokenizer = fake
+    seen = []
+    model.image.register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    model.train()
+    classifier = ZeroShotClassifier.from_model(model, tokenizer, ["cat", "dog"], progress=False)
+    classifier(torch.rand(2, 3, 4, 4))
+    assert seen == [False]  # dropout / patch dropout off while encoding
+    assert model.training and model.image.training  # and the caller's mode given back
 
 
 # --- retrieval -------------------------------------------------------------------------------------------------

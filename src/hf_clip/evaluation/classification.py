@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .loading import LabelInfo
+from .loading import LabelInfo, display_name
 from .metrics import load_metric
 from .reporting import EvalResult
 
@@ -38,6 +38,7 @@ def classification_metrics(
     """
     scores = torch.as_tensor(scores, dtype=torch.float32)
     labels = np.asarray(labels, dtype=np.int64)
+    check_top_k(top_k)
     if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
         raise ValueError(
             f"scores must be [N, C] with N = len(labels); got {tuple(scores.shape)} and {labels.shape[0]}."
@@ -45,12 +46,17 @@ def classification_metrics(
     if scores.shape[0] == 0:
         raise ValueError("Cannot compute classification metrics on zero examples.")
     num_classes = scores.shape[1]
-    ranked = top_k_indices(scores, max(top_k))
-    metrics: dict[str, object] = dict(
-        load_metric("top_k_accuracy").compute(
-            predictions=ranked.tolist(), references=labels.tolist(), k=list(top_k)
+    # Top-k with k >= C is 100% whatever the model (the paper's binary tasks would all read 100% top-5):
+    # such cut-offs are left out rather than reported.
+    ks = sorted({int(k) for k in top_k if k == 1 or k < num_classes})
+    ranked = top_k_indices(scores, max(ks, default=1))
+    metrics: dict[str, object] = {}
+    if ks:
+        metrics.update(
+            load_metric("top_k_accuracy").compute(
+                predictions=ranked.tolist(), references=labels.tolist(), k=ks
+            )
         )
-    )
     metrics.update(
         load_metric("mean_per_class_recall").compute(
             predictions=ranked[:, 0].tolist(), references=labels.tolist(), num_classes=num_classes
@@ -59,9 +65,21 @@ def classification_metrics(
     return metrics
 
 
-def display_name(classname: str | Sequence[str]) -> str:
-    """A class as shown in reports: its name, or the first of its synonyms."""
-    return classname if isinstance(classname, str) else str(classname[0])
+def check_top_k(top_k: Sequence[int]) -> None:
+    if isinstance(top_k, int) or not top_k or any(int(k) < 1 for k in top_k):
+        raise ValueError(
+            f"top_k must be a non-empty sequence of integers >= 1, such as (1, 5); got {top_k!r}."
+        )
+
+
+def per_class_names(classnames: Sequence[str | Sequence[str]]) -> list[str]:
+    """Report keys for per-class results: display names, with the class index added where names repeat
+    (ImageNet's published list has two "missile" and two "sunglasses" classes), so none overwrites another."""
+    names = [display_name(c) for c in classnames]
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return [f"{name} (#{i})" if counts[name] > 1 else name for i, name in enumerate(names)]
 
 
 def model_label(model: torch.nn.Module) -> str:
@@ -86,5 +104,5 @@ def classification_result(
         dataset=dataset_name,
         metrics={k: float(v) for k, v in metrics.items()},
         config={"num_examples": int(info.labels.shape[0]), "num_classes": info.num_classes, **config},
-        per_class={display_name(name): recall for name, recall in zip(info.classnames, per_class)},
+        per_class=dict(zip(per_class_names(info.classnames), per_class)),
     )

@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..zero_shot._encode import as_tensor, context_length, eval_mode, model_device
+
 logger = logging.getLogger(__name__)
 
 IMAGE_FEATURES = ("projected", "pooled")
@@ -56,55 +58,28 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _as_embeddings(output: Any) -> torch.Tensor:
-    """Accept both a bare tensor and a model output carrying the embeddings (``pooler_output``)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    for name in ("image_embeds", "text_embeds", "pooler_output"):
-        value = getattr(output, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    raise TypeError(f"Expected embeddings from get_*_features, got {type(output).__name__}.")
-
-
-def _context_length(model: torch.nn.Module, tokenizer: Any) -> int:
-    """The text tower's position-table size (77 for CLIP), else the tokenizer's limit."""
-    text_config = getattr(getattr(model, "config", None), "text_config", None)
-    length = getattr(text_config, "max_position_embeddings", None)
-    if isinstance(length, int) and length > 0:
-        return length
-    length = getattr(tokenizer, "model_max_length", None)
-    return length if isinstance(length, int) and 0 < length < 100_000 else 77
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def model_fingerprint(model: torch.nn.Module) -> str | None:
-    """Identify a model by its directory and the size/mtime of its weight files; None if it has no directory.
-
-    A model without a ``name_or_path`` (built in memory) cannot be told apart from another one, so its
-    features are never cached.
-    """
-    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
-    if not name:
-        return None
-    path = Path(name)
-    if not path.is_dir():
-        return str(name)  # a Hub id: the cache key is the id (revision pinned by the local HF cache)
-    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
-    return json.dumps([str(path.resolve()), stats])
+@torch.no_grad()
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Identify a model by its class and the weights it holds now: per parameter and buffer its name, dtype,
+    shape, and float64 sum and norm. Fine-tuned, interpolated or edited weights, or the same checkpoint
+    loaded in another dtype, therefore get their own cache entries; one pass over the weights costs far less
+    than the feature extraction it may save."""
+    entries = [type(model).__name__]
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        stats = ""
+        if tensor.numel() and tensor.device.type != "meta":
+            data = tensor.detach()
+            if data.is_floating_point() or data.is_complex():
+                stats = f"{float(torch.sum(data, dtype=torch.float64)):.17g}"
+                stats += f",{float(torch.linalg.vector_norm(data, dtype=torch.float64)):.17g}"
+            else:
+                stats = f"{int(data.long().sum())}"
+        entries.append(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|{stats}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
 def _cache_file(cache_dir: str | os.PathLike | None, kind: str, key_parts: dict[str, Any]) -> Path | None:
     if cache_dir is None:
-        return None
-    if key_parts.get("model") is None:
-        logger.warning(
-            "Feature cache disabled: the model has no directory (name_or_path) to key the cache on."
-        )
         return None
     digest = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
     return Path(cache_dir) / f"{kind}-features-{digest}.safetensors"
@@ -185,15 +160,16 @@ def _embed_batches(
     batches: Iterable[Any],
     embed: Callable[[Any], Any],
 ) -> torch.Tensor:
-    """Run ``embed`` on each batch with the model in eval mode on ``device``: float32 CPU features [N, D]."""
-    model.eval()
-    if _model_device(model) != device:
+    """Run ``embed`` on each batch in eval mode (the model's own mode is restored after) on ``device``, where
+    the model is moved if it is elsewhere: float32 CPU features [N, D]."""
+    if model_device(model) != device:
         model.to(device)
     chunks = []
-    for batch in batches:
-        with _autocast(device, autocast_dtype):
-            embeds = embed(batch)
-        chunks.append(_as_embeddings(embeds).float().cpu())
+    with eval_mode(model):
+        for batch in batches:
+            with _autocast(device, autocast_dtype):
+                embeds = embed(batch)
+            chunks.append(as_tensor(embeds).float().cpu())
     return torch.cat(chunks)
 
 
@@ -218,7 +194,8 @@ def extract_image_features(
     gives the image tower's pooled output before the projection, the representation the paper's linear
     probes use for CLIP-ViT (for the ResNets the attention pool already ends in the joint space). Decoding and preprocessing run in ``num_workers`` DataLoader workers; ``dtype="bf16"``
     runs the model under autocast. With ``cache_dir`` the result is stored as safetensors and reused when
-    the model directory, dataset fingerprint, split, column and preprocessing are unchanged.
+    the model's weights (see `model_fingerprint`), dataset fingerprint, split, column and preprocessing are
+    unchanged.
     """
     if len(dataset) == 0:
         raise ValueError("Cannot extract features from an empty dataset.")
@@ -231,7 +208,7 @@ def extract_image_features(
     # A full processor works too: use the image processor inside it.
     image_processor = getattr(image_processor, "image_processor", None) or image_processor
     autocast_dtype = resolve_autocast_dtype(dtype)
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     processor_config = (
         image_processor.to_dict() if hasattr(image_processor, "to_dict") else repr(image_processor)
     )
@@ -297,8 +274,8 @@ def extract_text_features(
         raise TypeError(f"Texts must be strings; item {bad[0]} is a {type(texts[bad[0]]).__name__}.")
     tokenizer = getattr(tokenizer, "tokenizer", None) or tokenizer
     autocast_dtype = resolve_autocast_dtype(dtype)
-    device = torch.device(device) if device is not None else _model_device(model)
-    max_length = _context_length(model, tokenizer)
+    device = torch.device(device) if device is not None else model_device(model)
+    max_length = context_length(model, tokenizer)
     texts_digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
     key = {
         "model": model_fingerprint(model),

@@ -10,6 +10,7 @@ refit on train + validation and scored on the held-out split.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -205,12 +206,16 @@ def evaluate_linear_probe(
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
         counts = np.bincount(train_y)
-        stratify = train_y if counts[counts > 0].min() >= 2 else None
+        present = int((counts > 0).sum())
+        num_val = math.ceil(val_fraction * len(train_y))  # how train_test_split sizes the held-out part
+        # Stratified when both parts can hold every class (few-shot sets cannot): else a random split.
+        can_stratify = counts[counts > 0].min() >= 2 and present <= num_val <= len(train_y) - present
+        stratify = train_y if can_stratify else None
         fit_idx, val_idx = train_test_split(
             np.arange(len(train_y)), test_size=val_fraction, random_state=seed, stratify=stratify
         )
         fit_x, fit_y, val_x, val_y = train_x[fit_idx], train_y[fit_idx], train_x[val_idx], train_y[val_idx]
-        val_source = f"{val_fraction:.0%} of train"
+        val_source = f"{val_fraction:.0%} of train ({'stratified' if can_stratify else 'random'})"
     if len(np.unique(fit_y)) < 2:
         raise ValueError("The linear probe needs at least two classes in the training split.")
 

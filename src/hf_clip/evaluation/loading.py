@@ -159,6 +159,11 @@ def parse_classnames(spec: str | Sequence[str] | None) -> list[str] | None:
     return names
 
 
+def display_name(classname: str | Sequence[str]) -> str:
+    """A class as shown in reports: its name, or the first of its synonyms."""
+    return classname if isinstance(classname, str) else str(classname[0])
+
+
 @dataclass
 class LabelInfo:
     """Integer labels of a dataset and the names behind them.
@@ -197,14 +202,18 @@ def resolve_labels(dataset: Dataset, label_column: str, classnames: Sequence[str
         info = LabelInfo(labels, given or names, names)
     elif isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
         names = given if given is not None else sorted({v for v in values if v is not None})
-        index = {n: i for i, n in enumerate(names)}
+        shown = [display_name(n) for n in names]
+        index: dict[str, int] = {}
+        for i, name in enumerate(names):  # a class given as synonyms (shipped lists) matches any of them
+            for synonym in [name] if isinstance(name, str) else name:
+                index.setdefault(str(synonym), i)
         unknown = sorted({str(v) for v in values if v not in index})
         if unknown:
             raise ValueError(
                 f"Labels {', '.join(unknown[:10])} in column {label_column!r} are not among the class names "
-                f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})."
+                f"({', '.join(shown[:10])}{', ...' if len(names) > 10 else ''})."
             )
-        info = LabelInfo(np.asarray([index[v] for v in values], dtype=np.int64), list(names), list(names))
+        info = LabelInfo(np.asarray([index[v] for v in values], dtype=np.int64), list(names), shown)
     elif isinstance(feature, Value) and feature.dtype.startswith(("int", "uint")):
         if given is None:
             raise ValueError(

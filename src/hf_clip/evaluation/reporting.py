@@ -78,7 +78,7 @@ def to_markdown(result: EvalResult) -> str:
     """
     lines = [f"## {result.task}: {result.dataset}", "", f"Model: `{result.model}`", ""]
     if result.per_dataset:
-        names = list(next(iter(result.per_dataset.values())))
+        names = list(dict.fromkeys(n for metrics in result.per_dataset.values() for n in metrics))
         lines.append("| dataset | " + " | ".join(names) + " |")
         lines.append("|---|" + "---:|" * len(names))
         for dataset, metrics in result.per_dataset.items():
@@ -144,7 +144,8 @@ def _plot_datasets(result: EvalResult):
     bar = 0.8 / max(len(metrics), 1)
     for i, metric in enumerate(metrics):
         xs = [j + (i - (len(metrics) - 1) / 2) * bar for j in range(len(names))]
-        ax.bar(xs, [100 * result.per_dataset[n][metric] for n in names], width=bar, label=metric)
+        heights = [100 * result.per_dataset[n].get(metric, math.nan) for n in names]  # nan: no bar
+        ax.bar(xs, heights, width=bar, label=metric)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
@@ -169,10 +170,15 @@ def save_result(
 ) -> dict[str, Path]:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``output_dir`` (atomically); return paths.
 
-    ``stem`` defaults to ``<task>_<dataset name>``.
+    ``stem`` defaults to ``<task>_<dataset name>``, with ``_<split>`` added for a split other than ``test``
+    so that runs on the train and test splits do not overwrite each other.
     """
     output_dir = Path(output_dir)
-    stem = stem or f"{result.task}_{_slug(result.dataset)}"
+    if stem is None:
+        split = result.config.get("split")
+        stem = f"{result.task}_{_slug(result.dataset)}"
+        if split and split != "test":
+            stem += f"_{_slug(str(split))}"
     paths = {
         "json": output_dir / f"{stem}.json",
         "markdown": output_dir / f"{stem}.md",

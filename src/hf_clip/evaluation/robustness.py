@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Value
 
-from .classification import classification_metrics, display_name, model_label
+from .classification import classification_metrics, model_label, per_class_names
 from .features import FeatureOptions
 from .loading import LabelInfo, align_labels, check_dataset, prepare_image_column, resolve_labels
 from .reporting import EvalResult
@@ -88,15 +88,16 @@ def evaluate_robustness(
         metrics = classification_metrics(logits, labels, top_k=top_k)
         recall = metrics.pop("per_class_recall")
         if name == reference:
-            per_class = {display_name(c): r for c, r in zip(ref_info.classnames, recall)}
+            per_class = dict(zip(per_class_names(ref_info.classnames), recall))
         per_dataset[name] = {k: float(v) for k, v in metrics.items()}
         counts[name] = int(len(labels))
 
-    base = per_dataset[reference]
-    for metrics in per_dataset.values():
-        for metric in list(base):
-            metrics[f"{metric}_gap"] = metrics[metric] - base[metric]
+    base = dict(per_dataset[reference])
     shifted = [n for n in ordered if n != reference]
+    for name in shifted:
+        metrics = per_dataset[name]
+        for metric in [m for m in base if m in metrics]:  # a class subset may have too few classes for top-5
+            metrics[f"{metric}_gap"] = metrics[metric] - base[metric]
     summary = dict(base)
     if shifted:
         summary["mean_shifted_top1_accuracy"] = float(

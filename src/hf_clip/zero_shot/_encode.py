@@ -1,6 +1,7 @@
 """Batched, gradient-free text and image encoding shared by the classifier, pipeline and retrieval index."""
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -14,9 +15,10 @@ def as_tensor(features: Any) -> torch.Tensor:
     """Projected features from `get_*_features`, which returns a tensor (hf_clip) or an output object (CLIPModel in v5)."""
     if isinstance(features, torch.Tensor):
         return features
-    pooled = getattr(features, "pooler_output", None)
-    if isinstance(pooled, torch.Tensor):
-        return pooled
+    for name in ("image_embeds", "text_embeds", "pooler_output"):
+        value = getattr(features, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
     raise TypeError(
         f"get_*_features returned {type(features).__name__}; expected a tensor or an output with pooler_output."
     )
@@ -31,6 +33,17 @@ def model_device(model: torch.nn.Module) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Encode in eval mode (dropout and patch dropout off), then give the caller back the mode it had."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 def get_tokenizer(tokenizer_or_processor: Any) -> Any:
@@ -82,13 +95,16 @@ def encode_texts(
     max_length = context_length(model, tokenizer)
     chunks = []
     starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="encoding prompts", disable=not progress or len(starts) < 2):
-        batch = list(texts[start : start + batch_size])
-        tokens = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        kwargs = {"input_ids": tokens["input_ids"].to(device)}
-        if "attention_mask" in tokens:
-            kwargs["attention_mask"] = tokens["attention_mask"].to(device)
-        chunks.append(as_tensor(model.get_text_features(**kwargs)).float())
+    with eval_mode(model):
+        for start in tqdm(starts, desc="encoding prompts", disable=not progress or len(starts) < 2):
+            batch = list(texts[start : start + batch_size])
+            tokens = tokenizer(
+                batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+            kwargs = {"input_ids": tokens["input_ids"].to(device)}
+            if "attention_mask" in tokens:
+                kwargs["attention_mask"] = tokens["attention_mask"].to(device)
+            chunks.append(as_tensor(model.get_text_features(**kwargs)).float())
     if not chunks:
         raise ValueError("No texts to encode.")
     out = torch.cat(chunks)
@@ -105,15 +121,21 @@ def encode_images(
 ) -> torch.Tensor:
     """Image embeddings [N, D] in float32 from preprocessed pixel values [N, C, H, W]."""
     if pixel_values.ndim != 4:
+        hint = (
+            " (one image: add the batch dimension, pixel_values.unsqueeze(0))"
+            if pixel_values.ndim == 3
+            else ""
+        )
         raise ValueError(
-            f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}."
+            f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}{hint}."
         )
     device = model_device(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     chunks = []
     starts = range(0, pixel_values.shape[0], batch_size)
-    for start in tqdm(starts, desc="encoding images", disable=not progress or len(starts) < 2):
-        batch = pixel_values[start : start + batch_size].to(device=device, dtype=dtype)
-        chunks.append(as_tensor(model.get_image_features(pixel_values=batch)).float())
+    with eval_mode(model):
+        for start in tqdm(starts, desc="encoding images", disable=not progress or len(starts) < 2):
+            batch = pixel_values[start : start + batch_size].to(device=device, dtype=dtype)
+            chunks.append(as_tensor(model.get_image_features(pixel_values=batch)).float())
     out = torch.cat(chunks)
     return l2_normalize(out) if normalize else out

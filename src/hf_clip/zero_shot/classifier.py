@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -180,6 +181,11 @@ class ZeroShotClassifier:
             raise ValueError("Pass pixel_values or image_embeds, not both.")
         if pixel_values is not None and pixel_values.ndim == 2:
             pixel_values, image_embeds = None, pixel_values
+        if pixel_values is not None and pixel_values.ndim == 1:
+            raise ValueError(
+                f"Got a 1-d tensor of shape {tuple(pixel_values.shape)}: for one image embedding pass "
+                "image_embeds=embedding.unsqueeze(0); pixel values are [batch, 3, height, width]."
+            )
         if pixel_values is not None:
             if self.model is None:
                 raise ValueError(
@@ -199,7 +205,11 @@ class ZeroShotClassifier:
     def classify(self, images: Any, processor: Any, top_k: int | None = None) -> list[list[dict[str, Any]]]:
         """Softmax scores for raw images (PIL images or arrays), best first: one list of {label, score} per image."""
         image_processor = getattr(processor, "image_processor", processor)
-        if not isinstance(images, list | tuple):
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be at least 1 (or None for every class), got {top_k}.")
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)  # a stacked batch of [H, W, C] (or [C, H, W]) arrays
+        elif not isinstance(images, list | tuple):
             images = [images]
         pixel_values = image_processor(images=list(images), return_tensors="pt")["pixel_values"]
         probs = self(pixel_values).softmax(dim=-1).cpu()

@@ -82,6 +82,8 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
                 f"Unexpected argument(s) {', '.join(sorted(kwargs))}; this pipeline takes candidate_labels, "
                 "hypothesis_template, top_k, timeout (and batch_size, num_workers)."
             )
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1 (or None for every label), got {top_k!r}.")
         postprocess_params = {"top_k": top_k} if top_k is not None else {}
         return preprocess_params, {}, postprocess_params
 
@@ -156,7 +158,7 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
             key = key[0]
         labels = [synonyms[0] for synonyms in key[0]]
         probs = model_outputs["logits"][0].float().softmax(dim=-1)
-        k = len(labels) if top_k is None else max(1, min(top_k, len(labels)))
+        k = len(labels) if top_k is None else min(top_k, len(labels))
         scores, indices = probs.topk(k)
         return [{"score": s, "label": labels[i]} for s, i in zip(scores.tolist(), indices.tolist())]
 
