@@ -8,6 +8,7 @@
 Every option: `python examples/pretrain.py --help`. The machinery lives in `hf_clip.training`.
 """
 
+from accelerate import PartialState
 from transformers import HfArgumentParser
 
 from hf_clip.training import PretrainArguments, run_pretraining
@@ -16,7 +17,7 @@ from hf_clip.training import PretrainArguments, run_pretraining
 def main() -> None:
     (args,) = HfArgumentParser(PretrainArguments).parse_args_into_dataclasses()
     metrics = run_pretraining(args)
-    if metrics:
+    if metrics and PartialState().is_main_process:
         width = max(len(k) for k in metrics)
         print("\nHeld-out evaluation:")
         for name, value in metrics.items():

@@ -79,12 +79,15 @@ def test_builtin_run_saves_a_loadable_model(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     import shutil
 
-    full = tiny_args(tmp_path / "a", max_steps=6, checkpointing_steps=3)
+    # Patch dropout draws from the global generator: a resumed run must draw the same numbers.
+    full = tiny_args(tmp_path / "a", max_steps=6, checkpointing_steps=3, patch_dropout=0.5)
     run_pretraining(full)
     uninterrupted = logged_losses(Path(full.output_dir))
 
     # A second run that "died" after step 3: it only has the step-3 checkpoint (and its tokenizer).
-    resumed_args = tiny_args(tmp_path / "b", max_steps=6, resume_from_checkpoint="latest")
+    resumed_args = tiny_args(
+        tmp_path / "b", max_steps=6, resume_from_checkpoint="latest", checkpointing_steps=3, patch_dropout=0.5
+    )
     run_dir = Path(resumed_args.output_dir)
     shutil.copytree(Path(full.output_dir) / "checkpoints" / "step_3", run_dir / "checkpoints" / "step_3")
     shutil.copytree(Path(full.output_dir) / "tokenizer", run_dir / "tokenizer")
@@ -96,6 +99,22 @@ def test_resume_continues_exactly(tmp_path):
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-6), step
+
+    # Resumed from step 3 again, the run writes step 6 over the one already there (a folder cannot be renamed
+    # over a full one: this used to crash before the model was saved).
+    (run_dir / "checkpoints" / "step_6" / "stale").write_text("from the first resume")
+    run_pretraining(
+        tiny_args(
+            tmp_path / "b",
+            max_steps=6,
+            resume_from_checkpoint=str(run_dir / "checkpoints" / "step_3"),
+            checkpointing_steps=3,
+            patch_dropout=0.5,
+        )
+    )
+    step_6 = run_dir / "checkpoints" / "step_6"
+    assert (step_6 / "progress.json").exists() and not (step_6 / "stale").exists()
+    assert not list((run_dir / "checkpoints").glob("*.old"))  # the replaced one is gone
 
 
 def test_bad_rows_are_skipped_and_counted(tmp_path):
@@ -110,14 +129,28 @@ def test_bad_rows_are_skipped_and_counted(tmp_path):
     rows["image"][3] = b"not a png at all"
     rows["image"][7] = rows["image"][7][:60]  # truncated file
     rows["caption"][11] = "   "
-    path = tmp_path / "data"
+    rows["caption"][2] = None  # a missing caption: skipped in training, left out of tokenizer training
     Dataset.from_dict(rows).to_parquet(str(tmp_path / "data.parquet"))
-    del path
-    args = tiny_args(tmp_path, dataset="parquet", data_files=str(tmp_path / "data.parquet"), max_steps=4)
-    run_pretraining(args)
+    args = tiny_args(
+        tmp_path,
+        dataset="parquet",
+        data_files=str(tmp_path / "data.parquet"),
+        max_steps=4,
+        eval_split="train",
+    )
+    metrics = run_pretraining(args)
     log = [json.loads(line) for line in (Path(args.output_dir) / "train_log.jsonl").read_text().splitlines()]
     # 32 of the 40 rows are drawn by 4 steps of 8; the skipped count is cumulative.
-    assert 1 <= log[-1]["skipped_samples"] <= 3
+    assert 1 <= log[-1]["skipped_samples"] <= 4
+    # The evaluation decodes the same raw bytes and skips the same bad rows (it used to crash on them).
+    assert 0.0 <= metrics["retrieval_recall@1/image_to_text"] <= 1.0
+
+    # Nothing usable at all: a clear error, not an endless loop over empty epochs.
+    rows["image"] = [b"broken"] * 40
+    Dataset.from_dict(rows).to_parquet(str(tmp_path / "broken.parquet"))
+    broken = tiny_args(tmp_path / "b", dataset="parquet", data_files=str(tmp_path / "broken.parquet"))
+    with pytest.raises(ValueError, match="A whole epoch gave no training step: 40 rows skipped"):
+        run_pretraining(broken)
 
 
 def test_imagefolder_with_metadata(tmp_path):
@@ -137,26 +170,42 @@ def test_webdataset_shards_streaming(tmp_path):
 
     shard = tmp_path / "shard-000.tar"
     with tarfile.open(shard, "w") as tar:
-        for i in range(20):
+        for i in range(40):
             for ext, payload in (("png", None), ("txt", f"a green picture {i}".encode())):
                 if payload is None:
                     buf = io.BytesIO()
-                    Image.new("RGB", (32, 32), (0, 10 * i, 0)).save(buf, format="PNG")
-                    payload = buf.getvalue()
+                    Image.new("RGB", (32, 32), (0, 5 * i, 0)).save(buf, format="PNG")
+                    payload = buf.getvalue() if i != 5 else b"corrupt"  # skipped, not fatal
                 info = tarfile.TarInfo(f"{i:04d}.{ext}")
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-    args = tiny_args(
-        tmp_path,
-        dataset="webdataset",
-        data_files=str(shard),
-        image_column="png",
-        caption_column="txt",
-        streaming=True,
-        max_steps=2,
+
+    def args(name: str, **overrides) -> PretrainArguments:
+        stream = dict(dataset="webdataset", data_files=str(shard), image_column="png", caption_column="txt")
+        return tiny_args(tmp_path / name, streaming=True, max_steps=5, **stream, **overrides)  # 5 x 8 = 40 rows
+
+    full = args("full", checkpointing_steps=2)
+    run_pretraining(full)
+    assert (Path(full.output_dir) / "model.safetensors").exists()
+    uninterrupted = logged_losses(Path(full.output_dir))
+    log = (Path(full.output_dir) / "train_log.jsonl").read_text().splitlines()
+    assert json.loads(log[-1])["skipped_samples"] == 1
+
+    # "latest" on a first launch starts from step 0; a given tokenizer means no output folder existed yet.
+    tokenizer = str(Path(full.output_dir) / "tokenizer")
+    fresh = args("fresh", resume_from_checkpoint="latest", tokenizer=tokenizer)
+    run_pretraining(fresh)
+    assert logged_losses(Path(fresh.output_dir)) == pytest.approx(uninterrupted, abs=1e-6)
+
+    # Resumed after step 2, the stream continues where it was instead of replaying its first batches.
+    resumed = args("resumed", resume_from_checkpoint="latest", tokenizer=tokenizer)
+    shutil.copytree(
+        Path(full.output_dir) / "checkpoints" / "step_2", Path(resumed.output_dir) / "checkpoints" / "step_2"
     )
-    run_pretraining(args)
-    assert (Path(args.output_dir) / "model.safetensors").exists()
+    run_pretraining(resumed)
+    after = logged_losses(Path(resumed.output_dir))
+    assert sorted(after) == [3, 4, 5]
+    assert [after[s] for s in (3, 4, 5)] == pytest.approx([uninterrupted[s] for s in (3, 4, 5)], abs=1e-6)
 
 
 @pytest.mark.skipif(
@@ -211,7 +260,12 @@ def _launch(tmp_path: Path, extra: list[str], *launcher: str) -> subprocess.Comp
         for k, v in vars(args).items()
         if v is not None and k not in ("max_steps",) and not isinstance(v, bool)
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "ACCELERATE_USE_CPU": "true",
+    }
     cmd = [
         sys.executable,
         "-m",
@@ -229,14 +283,36 @@ def _launch(tmp_path: Path, extra: list[str], *launcher: str) -> subprocess.Comp
     )
 
 
-def test_two_processes_bf16(tmp_path):
+# `accelerate launch --cpu --num_processes 2` runs ONE process; two CPU processes take --multi_gpu with
+# ACCELERATE_USE_CPU (what `accelerate config` writes for a multi-CPU machine).
+TWO_CPU_PROCESSES = ("--multi_gpu", "--num_processes=2")
+
+
+def test_two_processes_train_as_one_process_with_the_global_batch(tmp_path):
+    # 2 processes x 4 rows against 1 process x 8: the same global batches, so the same losses and the same
+    # learning rate at every step (accelerate stepped the schedule once per process: twice as fast here).
     run = _launch(
-        tmp_path, [], "--cpu", "--num_processes=2", "--mixed_precision=bf16", "--main_process_port=29531"
+        tmp_path / "two", ["--per_device_train_batch_size=4"], *TWO_CPU_PROCESSES, "--main_process_port=29531"
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "zero_shot_top1/combination" in run.stdout
+    assert run.stdout.count("zero_shot_top1/combination") == 1  # printed by the main process only
+    assert json.loads((tmp_path / "two" / "run" / "results.json").read_text())["num_processes"] == 2
+    run_pretraining(tiny_args(tmp_path / "one", max_steps=3, per_device_train_batch_size=8))
+    two, one = (
+        [json.loads(line) for line in (tmp_path / name / "run" / "train_log.jsonl").read_text().splitlines()]
+        for name in ("two", "one")
+    )
+    assert [r["lr"] for r in two] == pytest.approx([r["lr"] for r in one], rel=1e-6)
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-4)
+    assert one[0]["lr"] == pytest.approx(1e-3) and one[-1]["lr"] < one[1]["lr"]  # the rate each step used
+
+
+def test_two_processes_bf16(tmp_path):
+    run = _launch(tmp_path, [], *TWO_CPU_PROCESSES, "--mixed_precision=bf16", "--main_process_port=29532")
+    assert run.returncode == 0, run.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["num_processes"] == 2
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -253,3 +329,16 @@ def test_deepspeed_zero_two_processes(tmp_path, stage):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_options_on_a_loaded_model_apply_or_say_why_not():
+    from hf_clip import HfClipConfig, HfClipModel
+    from hf_clip.training.pretraining import _pretrained_overrides
+
+    model = HfClipModel(HfClipConfig(**TINY_MODEL))
+    _pretrained_overrides(PretrainArguments(patch_dropout=0.5, image_size=32), model)
+    assert model.config.vision_config.patch_dropout == 0.5
+    with pytest.raises(ValueError, match="cannot change the checkpoint's image size"):
+        _pretrained_overrides(PretrainArguments(image_size=48), model)
+    with pytest.raises(ValueError, match="needs a model with a logit bias"):
+        _pretrained_overrides(PretrainArguments(loss="siglip"), model)

@@ -60,6 +60,29 @@ def prepare_example(
     return {"pixel_values": transform(image, generator), "caption": caption}
 
 
+def check_columns(dataset: Any, image_column: str, caption_column: str) -> None:
+    """Name the missing columns up front (a stream that lacks them would otherwise skip every row)."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:  # a stream whose features are not known until read
+        return
+    missing = [c for c in (image_column, caption_column) if c not in columns]
+    if missing:
+        raise ValueError(
+            f"Column(s) {missing} not in the dataset (columns: {columns}); set --image_column / --caption_column."
+        )
+
+
+def without_image_decoding(dataset: Any, image_column: str) -> Any:
+    """Images left as bytes for the workers to decode, so a broken one is skipped there, not raised by
+    `datasets` while it reads the row."""
+    from datasets import Image as ImageFeature
+
+    features = getattr(dataset, "features", None)
+    if features is not None and isinstance(features.get(image_column), ImageFeature):
+        dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+    return dataset
+
+
 class _CaptionRows:
     """What both views share: the columns, the transform, and augmentation seeded by (seed, epoch, row)."""
 
@@ -85,17 +108,8 @@ class CaptionDataset(_CaptionRows, torch.utils.data.Dataset):
     def __init__(
         self, dataset: Any, image_column: str, caption_column: str, *args: Any, **kwargs: Any
     ) -> None:
-        from datasets import Image as ImageFeature
-
-        missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
-        if missing:
-            raise ValueError(
-                f"Column(s) {missing} not in the dataset (columns: {dataset.column_names}); "
-                "set --image_column / --caption_column."
-            )
-        if isinstance(dataset.features[image_column], ImageFeature):
-            dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
-        dataset = dataset.select_columns([image_column, caption_column])
+        check_columns(dataset, image_column, caption_column)
+        dataset = without_image_decoding(dataset, image_column).select_columns([image_column, caption_column])
         super().__init__(dataset, image_column, caption_column, *args, **kwargs)
 
     def __len__(self) -> int:
@@ -106,15 +120,30 @@ class CaptionDataset(_CaptionRows, torch.utils.data.Dataset):
 
 
 class StreamingCaptionDataset(_CaptionRows, torch.utils.data.IterableDataset):
-    """Iterable view of a streaming `datasets.IterableDataset` already split across processes."""
+    """Iterable view of a streaming `datasets.IterableDataset` already split across processes.
+
+    `datasets` itself hands each DataLoader worker its own shards. To resume, set `batch_size` and
+    `start_batch` (batches already trained this epoch): the DataLoader takes batches from its workers in
+    turn, so each worker skips its share of them, row for row with one worker.
+    """
+
+    def __init__(
+        self, dataset: Any, image_column: str, caption_column: str, *args: Any, **kwargs: Any
+    ) -> None:
+        check_columns(dataset, image_column, caption_column)
+        super().__init__(
+            without_image_decoding(dataset, image_column), image_column, caption_column, *args, **kwargs
+        )
+        self.batch_size, self.start_batch = 1, 0
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         self.dataset.set_epoch(self.epoch)
+        done = self.start_batch // workers + (worker < self.start_batch % workers)
         for index, row in enumerate(self.dataset):
-            if index % workers == worker:
-                yield self._example(row, index)
+            if index >= done * self.batch_size:
+                yield self._example(row, index * workers + worker)  # distinct augmentation seeds per worker
 
 
 class CaptionCollator:

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,15 @@ import torch.nn.functional as F
 from ..configuration_hf_clip import HfClipConfig
 from ..modeling_hf_clip import HfClipModel
 from .accumulation import average_gradients, contrastive_accumulation_step
-from .data import CaptionCollator, CaptionDataset, EpochBatchSampler, StreamingCaptionDataset
+from .data import (
+    CaptionCollator,
+    CaptionDataset,
+    EpochBatchSampler,
+    StreamingCaptionDataset,
+    check_columns,
+    prepare_example,
+    without_image_decoding,
+)
 from .loss import ClipLoss, SigLipLoss
 from .optim import clamp_logit_scale, cosine_schedule_with_warmup, create_optimizer
 
@@ -38,6 +47,10 @@ TINY_CONFIG = dict(
 
 # About 3.5 minutes on a 2-core CPU; the held-out zero-shot accuracy has plateaued by then.
 DEFAULT_SYNTHETIC_STEPS = 600
+
+# A stream is read for at most this many rows to train the tokenizer: a BPE vocabulary of a few thousand
+# merges has settled long before, and the run should not first read the whole stream.
+TOKENIZER_STREAM_ROWS = 100_000
 
 
 @dataclass
@@ -60,6 +73,10 @@ class PretrainArguments:
     image_column: str = "image"
     caption_column: str = "caption"
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset (split across processes)."})
+    shuffle_buffer: int = field(
+        default=10_000,
+        metadata={"help": "Streaming: rows shuffled in a buffer of this size (0: stream order)."},
+    )
     model: str = field(
         default="tiny", metadata={"help": "'tiny', a preset (ViT-B/32...), a config.json or a model dir."}
     )
@@ -143,6 +160,34 @@ def _load_datasets(args: PretrainArguments) -> tuple[Any, Any]:
     return train, evaluation
 
 
+def _tokenizer_training_captions(dataset: Any, column: str, streaming: bool) -> Iterator[str]:
+    """Caption strings to train BPE on: lists flattened, missing or empty captions left out (the training
+    loop skips those rows too), images never read."""
+    for index, row in enumerate(dataset.select_columns([column])):
+        if streaming and index >= TOKENIZER_STREAM_ROWS:
+            return
+        value = row[column]
+        for caption in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(caption, str) and caption.strip():
+                yield caption
+
+
+def _pretrained_overrides(args: PretrainArguments, model: HfClipModel) -> None:
+    """Options that change a model being built apply to a loaded one only where they can."""
+    if args.image_size and args.image_size != model.config.vision_config.image_size:
+        raise ValueError(
+            f"--image_size {args.image_size} cannot change the checkpoint's image size "
+            f"({model.config.vision_config.image_size}); leave it out when --model is a model directory."
+        )
+    if args.patch_dropout:
+        model.config.vision_config.patch_dropout = args.patch_dropout  # read at every training forward
+    if args.loss == "siglip" and model.logit_bias is None:
+        raise ValueError(
+            "--loss siglip needs a model with a logit bias; this checkpoint was trained with the softmax "
+            "loss. Use --loss clip, or start a new model (--model tiny, a preset or a config.json)."
+        )
+
+
 def _build_config(
     args: PretrainArguments, vocab_size: int, eos_token_id: int, bos_token_id: int
 ) -> HfClipConfig:
@@ -193,7 +238,14 @@ def _save_checkpoint(accelerator: Any, output_dir: Path, step: int, epoch: int, 
         (tmp / "progress.json").write_text(
             json.dumps({"step": step, "epoch": epoch, "batch": batch_in_epoch})
         )
+        # A run resumed from an earlier step writes this step again. A folder cannot be renamed over a full
+        # one, so the old one is moved aside first and deleted only once the new one is in place.
+        old = final.with_name(final.name + ".old")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
@@ -218,9 +270,17 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=str(output_dir),
         kwargs_handlers=handlers,
+        # The schedule counts optimizer steps. By default accelerate steps a prepared scheduler once per
+        # process per step (for schedules written in single-process steps), which ran ours N times too fast.
+        step_scheduler_with_optimizer=False,
     )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
     train_data, eval_data = _load_datasets(args)
+    check_columns(train_data, args.image_column, args.caption_column)
+    if args.streaming and args.shuffle_buffer > 0:
+        train_data = train_data.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer)
 
     # Tokenizer: given, from the pretrained model dir, or trained on the captions (main process, then shared).
     pretrained_dir = Path(args.model) if Path(args.model).is_dir() else None
@@ -231,15 +291,15 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         if accelerator.is_main_process and not (
             args.resume_from_checkpoint and (tok_dir / "tokenizer.json").exists()
         ):
-            captions = train_data if args.streaming else train_data.select_columns([args.caption_column])
-            texts = (row[args.caption_column] for row in captions)
             empty = HfClipTokenizer(vocab=clip_vocab([], ["<start_of_text>", "<end_of_text>"]), merges=[])
+            texts = _tokenizer_training_captions(train_data, args.caption_column, args.streaming)
             empty.train_new_from_iterator(texts, vocab_size=args.vocab_size).save_pretrained(tok_dir)
         accelerator.wait_for_everyone()
         tokenizer = HfClipTokenizer.from_pretrained(tok_dir)
 
     if pretrained_dir:
         model = HfClipModel.from_pretrained(pretrained_dir)
+        _pretrained_overrides(args, model)
     else:
         config = _build_config(args, len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
         model = HfClipModel(config)
@@ -298,6 +358,9 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         ds_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
         ds_config["train_batch_size"] = args.per_device_train_batch_size * accelerator.num_processes
         ds_config["gradient_accumulation_steps"] = 1
+        # DeepSpeed clips inside its step (accelerate's clip_grad_norm_ only reports the norm there): same
+        # flag, same clipping as without DeepSpeed, instead of the config file's fixed value.
+        ds_config["gradient_clipping"] = float(args.max_grad_norm or 0.0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if args.torch_compile:
@@ -316,13 +379,12 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     collate = CaptionCollator(tokenizer, context)
 
     step, epoch, start_batch = 0, 0, 0
-    if args.resume_from_checkpoint:
-        found = _checkpoints(output_dir)
-        path = (
-            found[-1]
-            if args.resume_from_checkpoint == "latest" and found
-            else Path(args.resume_from_checkpoint)
-        )
+    found = _checkpoints(output_dir)
+    if args.resume_from_checkpoint == "latest" and not found:
+        # One command for a preemptible job, first launch included (open_clip's --resume latest).
+        accelerator.print(f"No checkpoint in {output_dir / 'checkpoints'} yet: starting from step 0.")
+    elif args.resume_from_checkpoint:
+        path = found[-1] if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
         if not (path / "progress.json").exists():
             raise FileNotFoundError(
                 f"No complete checkpoint at {path}; checkpoints: {[p.name for p in found]}."
@@ -345,8 +407,12 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
             prefetch_factor=4 if args.num_workers else None,
+            # Its own generator: a DataLoader otherwise draws its worker seed from the global generator, which
+            # then gives patch dropout other numbers after a resume than in an uninterrupted run.
+            generator=torch.Generator().manual_seed(args.seed + epoch),
         )
         if args.streaming:
+            train_rows.batch_size, train_rows.start_batch = args.per_device_train_batch_size, start_batch
             return torch.utils.data.DataLoader(
                 train_rows, batch_size=args.per_device_train_batch_size, **common
             )
@@ -401,6 +467,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         batches = iter(loader(epoch, start_batch))
         batch_in_epoch = start_batch
         exhausted = False
+        epoch_start_step = step
         while step < max_steps and not exhausted:
             t0 = time.perf_counter()
             micro = []
@@ -425,6 +492,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
                 )
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this step trains with
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -438,9 +506,11 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
             window["data_s"] += t1 - t0
             window["step_s"] += t2 - t0
             if step % args.logging_steps == 0 or step == max_steps:
+                # The mean over processes: each process's loss is its own rows against the global batch.
+                window_loss = torch.tensor(window["loss"] / window["steps"], device=accelerator.device)
                 logs = {
-                    "loss": window["loss"] / window["steps"],
-                    "lr": scheduler.get_last_lr()[0],
+                    "loss": accelerator.reduce(window_loss, "mean").item(),
+                    "lr": lr,
                     "temperature": scale.float().mean().item(),
                     "samples_per_s": window["samples"] / window["step_s"],
                     "data_wait_fraction": window["data_s"] / window["step_s"],
@@ -460,15 +530,22 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
                 accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
                 model.train()
         if exhausted:
+            if step == epoch_start_step and start_batch == 0:
+                # Every row of a whole epoch was skipped (or there were too few for one step): stop instead of
+                # starting epoch after epoch forever.
+                dropped = int(accelerator.reduce(skipped.to(accelerator.device), "sum"))
+                raise ValueError(
+                    f"A whole epoch gave no training step: {dropped} rows skipped so far as unreadable images "
+                    f"or empty captions. Check --image_column ({args.image_column!r}) and --caption_column "
+                    f"({args.caption_column!r}) and the data itself."
+                )
             epoch, start_batch = epoch + 1, 0
     progress.close()
 
     total_skipped = int(accelerator.reduce(skipped.to(accelerator.device), "sum"))
     if total_skipped:
         accelerator.print(f"Skipped {total_skipped} unreadable images or empty captions.")
-    metrics = (
-        evaluate(raw_model, tokenizer, image_processor, eval_data, args, accelerator) if eval_data else {}
-    )
+    # The model is saved before the final evaluation, so a problem there never costs the trained weights.
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     if state_dict is not None:
@@ -479,7 +556,12 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     if accelerator.is_main_process:
         raw_model.save_pretrained(output_dir, state_dict=state_dict)
         processor.save_pretrained(output_dir)
-        (output_dir / "results.json").write_text(json.dumps({"steps": step, "metrics": metrics}, indent=2))
+    metrics = (
+        evaluate(raw_model, tokenizer, image_processor, eval_data, args, accelerator) if eval_data else {}
+    )
+    if accelerator.is_main_process:
+        results = {"steps": step, "num_processes": world, "metrics": metrics}
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     # Every rank tears the process group down together: a rank that destroys it (and exits) while another is
     # still saving can leave gloo worker threads holding tensors at interpreter exit, which aborts the process.
     accelerator.wait_for_everyone()
@@ -524,8 +606,16 @@ def evaluate(
         return metrics
     n = args.eval_samples
     rows = dataset.take(n) if args.streaming else dataset.select(range(min(n, len(dataset))))
-    images = [r[args.image_column] for r in rows]
-    captions = [r[args.caption_column] for r in rows]
+    rows = without_image_decoding(rows, args.image_column)
+    images, captions = [], []
+    for row in rows:  # the rows training would skip are skipped here too
+        example = prepare_example(row, args.image_column, args.caption_column, lambda image, _: image, None)
+        if example is not None:
+            images.append(example["pixel_values"])
+            captions.append(example["caption"])
+    if not images:
+        accelerator.print(f"No readable row among the first {n} of the evaluation split: nothing evaluated.")
+        return {}
     pixel_values = image_processor(images, return_tensors="pt")["pixel_values"].to(device)
     ids = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")["input_ids"].to(
         device
