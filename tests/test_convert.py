@@ -188,7 +188,8 @@ def test_openai_and_open_clip_checkpoints(tmp_path, name):
     torch.save(
         {"epoch": 1, "state_dict": {f"module.{k}": v for k, v in state_dict.items()}}, tmp_path / "oc.pt"
     )
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp_path / "oc.safetensors")
+    # A model saved while wrapped by torch.compile carries "_orig_mod." in every name.
+    save_file({f"_orig_mod.{k}": v.contiguous() for k, v in state_dict.items()}, tmp_path / "oc.safetensors")
     expected = _Expected(reference, cfg["vision_cfg"]["image_size"])
     for source in ("openai.pt", "oc.pt", "oc.safetensors"):
         out = convert_checkpoint(tmp_path / source, tmp_path / f"hf-{source}", processor=False)
@@ -211,7 +212,7 @@ def test_full_size_open_clip_checkpoints(tmp_path, name):
     _assert_parity(reference, model, size, vocab=49408)
 
 
-def test_activation_option_and_cli(tmp_path):
+def test_activation_option_and_cli(tmp_path, capsys):
     cfg = _shrunk_config("ViT-B-32-quickgelu")
     reference = _reference(cfg, quick_gelu=False)  # an open_clip model trained with exact GELU
     torch.save(reference.state_dict(), tmp_path / "gelu.pt")
@@ -224,8 +225,10 @@ def test_activation_option_and_cli(tmp_path):
     model = HfClipModel.from_pretrained(tmp_path / "out").eval()
     assert model.config.text_config.hidden_act == model.config.vision_config.hidden_act == "gelu"
     _assert_parity(reference, model, cfg["vision_cfg"]["image_size"])
-    with pytest.raises(FileExistsError, match="not empty"):
-        args.func(args)
+    capsys.readouterr()
+    assert args.func(args) == 2  # one line naming the problem and the CLI flag, not a traceback
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--overwrite" in err and "Traceback" not in err
     args.overwrite = True
     assert args.func(args) == 0
 
@@ -513,3 +516,26 @@ def test_head_counts_from_a_given_config(tmp_path):
     model = HfClipModel.from_pretrained(tmp_path / "named").eval()
     assert model.config.vision_config.num_attention_heads == 4
     _assert_parity(reference, model, vision["image_size"])
+
+
+@pytest.mark.parametrize("name", ["ViT-H-14", "ViT-bigG-14", "ViT-B-32"])
+def test_preset_sizes_take_the_presets_heads_and_activation(name):
+    """LAION's ViT-H/g/bigG heads are 80-104 wide, not CLIP's 64: with a preset's sizes, its heads are used
+    (and its activation, unless one is given). Shapes only: the models are built on the meta device."""
+    from hf_clip import HfClipConfig
+    from hf_clip.convert import infer_openai_config
+
+    cfg = open_clip.get_model_config(name)
+    with torch.device("meta"):
+        state = CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]).state_dict()
+    preset = HfClipConfig.from_preset(name)
+    inferred = infer_openai_config(state)
+    for tower, ref in (
+        (inferred.vision_config, preset.vision_config),
+        (inferred.text_config, preset.text_config),
+    ):
+        assert tower.num_attention_heads == ref.num_attention_heads
+        assert tower.hidden_act == ref.hidden_act == ("quick_gelu" if name == "ViT-B-32" else "gelu")
+    given = infer_openai_config(state, "quick_gelu")
+    assert given.vision_config.hidden_act == "quick_gelu"
+    assert given.vision_config.num_attention_heads == preset.vision_config.num_attention_heads

@@ -220,6 +220,17 @@ def test_quick_gelu_in_place_only_where_nothing_can_see_it():
         mlp(x)
         handle.remove()
         torch.testing.assert_close(seen[0], mlp.fc1(x), rtol=0, atol=0)
+        # A hook inside a wrapped fc1 (a LoRA layer's base layer returns this very tensor) counts too.
+        wrapper = torch.nn.Module()
+        wrapper.base_layer = mlp.fc1
+        wrapper.forward = lambda x: wrapper.base_layer(x)
+        seen.clear()
+        handle = wrapper.base_layer.register_forward_hook(lambda m, i, out: seen.append(out))
+        mlp.fc1 = wrapper
+        assert torch.equal(mlp(x), expected)
+        handle.remove()
+        mlp.fc1 = wrapper.base_layer
+        torch.testing.assert_close(seen[0], mlp.fc1(x), rtol=0, atol=0)
     # With gradients the activation's input is needed for backward: gradients match the plain formula.
     (grad,) = torch.autograd.grad(mlp(x).square().sum(), mlp.fc1.weight)
     (ref_grad,) = torch.autograd.grad(reference(x).square().sum(), mlp.fc1.weight)
@@ -275,7 +286,7 @@ def test_class_token_only_last_block_changes_no_image_embedding(attn):
     # The joint forward too (training runs it); hidden states asked for, every token.
     ids = ids_batch()
     out = model(input_ids=ids, pixel_values=px)
-    assert out.vision_model_output.last_hidden_state.shape[1] == 1
+    assert out.vision_model_output.last_hidden_state is None  # not a tensor silently missing its patch tokens
     with_states = model(input_ids=ids, pixel_values=px, output_hidden_states=True)
     assert with_states.vision_model_output.last_hidden_state.shape[1] == 17
     torch.testing.assert_close(out.logits_per_image, with_states.logits_per_image, rtol=1e-5, atol=1e-5)
@@ -466,6 +477,11 @@ def test_patch_dropout_only_while_training():
         HfClipVisionConfig(patch_dropout=1.0)
 
 
+class _Scale(torch.nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 3 * weight
+
+
 @pytest.mark.parametrize("vision_type", ["vit", "resnet"])
 def test_autocast_inference_keeps_cast_weights_until_they_change(vision_type):
     from hf_clip.modeling_hf_clip import HfClipLinear
@@ -483,7 +499,7 @@ def test_autocast_inference_keeps_cast_weights_until_they_change(vision_type):
     fc1 = model.text_model.encoder.layers[0].mlp.fc1
     assert isinstance(fc1, HfClipLinear) and fc1._cast is None
     first, second = embed(), embed()
-    assert fc1._cast is not None and fc1._cast[1].dtype == torch.bfloat16
+    assert fc1._cast is not None and fc1._cast[3].dtype == torch.bfloat16
     for a, b, c in zip(reference, first, second):
         assert a.dtype == torch.bfloat16 and torch.equal(a, b) and torch.equal(b, c)
     # An in-place update (an optimizer step, load_state_dict) is seen at once.
@@ -494,6 +510,25 @@ def test_autocast_inference_keeps_cast_weights_until_they_change(vision_type):
     state = {k: v * 0.5 for k, v in model.state_dict().items()}
     model.load_state_dict(state)
     torch.testing.assert_close(embed(), embed(grad=True), rtol=0, atol=0)
+    # New tensors put in place (which may reuse a freed one's address) are seen too.
+    for layer in (m for m in model.modules() if isinstance(m, HfClipLinear) and m.bias is not None):
+        layer.bias = torch.nn.Parameter(layer.bias.detach() + 0.25, requires_grad=False)
+    torch.testing.assert_close(embed(), embed(grad=True), rtol=0, atol=0)
+    # Writes through .data bypass the version counter; eval() (any train() call) drops the kept casts.
+    for p in model.parameters():
+        p.data.mul_(0.5)
+    model.eval()
+    torch.testing.assert_close(embed(), embed(grad=True), rtol=0, atol=0)
+    # A parametrized weight is recomputed on every access: never kept.
+    from torch.nn.utils import parametrize
+
+    proj = model.text_projection
+    before = embed()
+    parametrize.register_parametrization(proj, "weight", _Scale())
+    after = embed()
+    torch.testing.assert_close(after, embed(grad=True), rtol=0, atol=0)
+    torch.testing.assert_close(after[1], 3 * before[1], rtol=0.05, atol=1e-2)  # bf16 rounding
+    parametrize.remove_parametrizations(proj, "weight")
     # Training mode and fp32 inference keep nothing.
     model.train()
     assert fc1._cast is None
@@ -510,3 +545,58 @@ def test_autocast_inference_keeps_cast_weights_until_they_change(vision_type):
     add_hook_to_module(fc1, AlignDevicesHook(io_same_device=True))
     embed()
     assert fc1._cast is None
+
+
+@pytest.mark.parametrize("cpu_memory", ["60KB", "400KB"])
+def test_device_map_offloading_gives_the_same_numbers(tmp_path, cpu_memory):
+    """With weights offloaded to disk, accelerate's hooks load each module's weights when it is CALLED: the
+    embeddings are modules of their own, and their position tables are looked up, not read directly."""
+    cfg = tiny_config()
+    model = HfClipModel(cfg).eval()
+    model.save_pretrained(tmp_path / "model")
+    offloaded = HfClipModel.from_pretrained(
+        tmp_path / "model", device_map="auto", max_memory={"cpu": cpu_memory}, offload_folder=tmp_path / "off"
+    ).eval()
+    assert "disk" in set(offloaded.hf_device_map.values())
+    ids, px = ids_batch(), pixels(cfg)
+    with torch.no_grad():
+        expected, got = model(input_ids=ids, pixel_values=px), offloaded(input_ids=ids, pixel_values=px)
+        torch.testing.assert_close(got.logits_per_image, expected.logits_per_image, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(offloaded.get_text_features(ids), model.get_text_features(ids))
+
+
+def test_resize_token_embeddings_round_trips(tmp_path):
+    model = HfClipModel(tiny_config())
+    model.resize_token_embeddings(EOS + 11)
+    assert model.config.text_config.vocab_size == model.text_model.config.vocab_size == EOS + 11
+    model.save_pretrained(tmp_path)
+    reloaded = HfClipModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
+def test_call_conventions_of_transformers():
+    """return_dict / output_hidden_states follow the config when not given; what cannot be honoured raises."""
+    from hf_clip import HfClipVisionModel
+
+    cfg = tiny_config()
+    model = HfClipModel(cfg).eval()
+    ids, px = ids_batch(), pixels(cfg)
+    with torch.no_grad():
+        as_tuple = model(input_ids=ids, pixel_values=px, return_dict=False)
+        assert isinstance(as_tuple, tuple) and torch.is_tensor(as_tuple[0])  # logits_per_image first, no loss
+        model.config.output_hidden_states = True
+        assert len(model(input_ids=ids, pixel_values=px).vision_model_output.hidden_states) == 3
+        model.config.output_hidden_states = False
+        for tower, inputs in (
+            (HfClipTextModelWithProjection(cfg.text_config), ids),
+            (HfClipVisionModelWithProjection(cfg.vision_config), px),
+            (HfClipVisionModel(cfg.vision_config), px),
+        ):
+            out = tower.eval()(inputs, return_dict=False)
+            assert isinstance(out, tuple) and torch.equal(out[0], tower(inputs)[0])
+            tower.config.return_dict = False
+            assert isinstance(tower(inputs), tuple)
+        with pytest.raises(ValueError, match="output_attentions is not supported"):
+            model(input_ids=ids, pixel_values=px, output_attentions=True)
+        with pytest.raises(ValueError, match="position_ids is not supported"):
+            model(input_ids=ids, pixel_values=px, position_ids=torch.arange(77))

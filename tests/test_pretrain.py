@@ -182,7 +182,9 @@ def test_webdataset_shards_streaming(tmp_path):
 
     def args(name: str, **overrides) -> PretrainArguments:
         stream = dict(dataset="webdataset", data_files=str(shard), image_column="png", caption_column="txt")
-        return tiny_args(tmp_path / name, streaming=True, max_steps=5, **stream, **overrides)  # 5 x 8 = 40 rows
+        return tiny_args(
+            tmp_path / name, streaming=True, max_steps=5, **stream, **overrides
+        )  # 5 x 8 = 40 rows
 
     full = args("full", checkpointing_steps=2)
     run_pretraining(full)

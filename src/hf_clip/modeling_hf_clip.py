@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -52,11 +53,13 @@ class _KeepsAutocastWeights:
     weight on every call: a third of a ViT-B/32 forward on CPU. In eval mode without gradients the cast
     copy is kept until the weight changes (its version counter, storage, dtype or the autocast dtype);
     training, where autocast's own per-forward cache applies, never keeps one, nor does a layer whose
-    weights accelerate loads on demand (`device_map` offloading), which a kept copy would defeat."""
+    weights accelerate loads on demand (`device_map` offloading), which a kept copy would defeat, nor a
+    parametrized one (its weight is recomputed on every access). Writes through `weight.data` bypass the
+    version counter: after such an update, call `model.eval()` (any `train()` call drops the copies)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    _cast: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor | None] | None = None
+    _cast: tuple[Any, ...] | None = None  # (key, weight, bias, cast weight, cast bias)
 
     def _weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         device = x.device.type
@@ -67,14 +70,23 @@ class _KeepsAutocastWeights:
             or not torch.is_autocast_enabled(device)
             or torch.compiler.is_compiling()
             or hasattr(self, "_hf_hook")
+            or parametrize.is_parametrized(self)
         ):
             return self.weight, self.bias
         dtype = torch.get_autocast_dtype(device)
-        bias = self.bias
-        key = (dtype, self.weight.data_ptr(), self.weight._version, None if bias is None else bias._version)
-        if self._cast is None or self._cast[0] != key:
-            self._cast = (key, self.weight.to(dtype), None if bias is None else bias.to(dtype))
-        return self._cast[1], self._cast[2]
+        weight, bias = self.weight, self.bias
+        key = (dtype, weight.data_ptr(), weight._version, None if bias is None else bias._version)
+        # The tensors themselves are compared too: a new one may reuse a freed one's address and version.
+        cast = self._cast
+        if cast is None or cast[0] != key or cast[1] is not weight or cast[2] is not bias:
+            cast = self._cast = (
+                key,
+                weight,
+                bias,
+                weight.to(dtype),
+                None if bias is None else bias.to(dtype),
+            )
+        return cast[3], cast[4]
 
     def train(self, mode: bool = True) -> nn.Module:
         self._cast = None
@@ -212,7 +224,12 @@ class HfClipMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        if isinstance(self.act, QuickGELU) and h is not x and _may_overwrite(h, self.fc1, self.act):
+        # Hooks anywhere inside fc1 count (a LoRA wrapper's base layer returns this very tensor).
+        if (
+            isinstance(self.act, QuickGELU)
+            and h is not x
+            and _may_overwrite(h, *self.fc1.modules(), self.act)
+        ):
             # One temporary instead of three, bit-identical: ViT-B/16 images at batch 32 1.08x (fp32) and
             # 1.13x (bf16) on CPU, where each fresh [batch, tokens, 4 * width] tensor is paid in page faults.
             return self.fc2(h.mul_(torch.mul(h, 1.702).sigmoid_()))
@@ -294,6 +311,22 @@ class HfClipPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _no_split_modules = ["HfClipEncoderLayer", "HfClipBottleneck", "HfClipAttentionPool"]
+
+    def _call_options(
+        self, output_hidden_states: bool | None, return_dict: bool | None, kwargs: dict[str, Any]
+    ) -> tuple[bool, bool]:
+        """transformers' call conventions: None means the config's value. What cannot be honoured is refused
+        rather than ignored."""
+        if kwargs.get("output_attentions") or self.config.output_attentions:
+            raise ValueError(
+                "output_attentions is not supported: hf_clip runs fused attention kernels (SDPA, flash) that "
+                "never form the attention weights. Register a forward hook on the HfClipAttention modules, or "
+                "convert to transformers' CLIPModel (hf-clip convert --to transformers) and use its eager attention."
+            )
+        if kwargs.get("position_ids") is not None:
+            raise ValueError("position_ids is not supported: positions are always 0..length-1, as in CLIP.")
+        hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return bool(hidden), (self.config.return_dict if return_dict is None else return_dict) is not False
 
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise as the released code does: scaled normals in the text tower, zero-gamma ResNet blocks."""
@@ -377,6 +410,20 @@ class HfClipPreTrainedModel(PreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
 
 
+class HfClipTextEmbeddings(nn.Module):
+    """Token plus position embeddings. A called module (not parameters read from outside) so that accelerate's
+    offloading hooks (`device_map` with CPU or disk offload) bring its weights in before they are used."""
+
+    def __init__(self, config: HfClipTextConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        return self.token_embedding(input_ids) + self.position_embedding(positions)
+
+
 class HfClipTextTransformer(HfClipPreTrainedModel):
     """Causal transformer over BPE tokens; the sequence is summarised at its first end-of-text token."""
 
@@ -385,9 +432,7 @@ class HfClipTextTransformer(HfClipPreTrainedModel):
 
     def __init__(self, config: HfClipTextConfig) -> None:
         super().__init__(config)
-        self.embeddings = nn.Module()
-        self.embeddings.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embeddings.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.embeddings = HfClipTextEmbeddings(config)
         self.encoder = HfClipEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         # Built once: eager attention adds it, the fused kernels only need the is_causal flag.
@@ -419,7 +464,7 @@ class HfClipTextTransformer(HfClipPreTrainedModel):
         if trim and not output_hidden_states and _can_trim(input_ids) and index.numel():
             seq = trim.get() if isinstance(trim, TrimLength) else TrimLength(index).get()
             input_ids = input_ids[:, :seq]
-        x = self.embeddings.token_embedding(input_ids) + self.embeddings.position_embedding.weight[:seq]
+        x = self.embeddings(input_ids)
         x, states = self.encoder(x, self.causal_mask, output_hidden_states)
         x = self.final_layer_norm(x)
         pooled = x[torch.arange(x.shape[0], device=x.device), index]
@@ -475,6 +520,37 @@ def _drop_patches(x: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.cat([x[:, :1], kept], dim=1)
 
 
+class HfClipVisionEmbeddings(nn.Module):
+    """Patch embedding, class token and position embeddings (resampled for other image sizes); a called
+    module for the same reason as `HfClipTextEmbeddings`."""
+
+    def __init__(self, config: HfClipVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = config.hidden_size
+        self.class_embedding = nn.Parameter(torch.zeros(width))
+        self.patch_embedding = HfClipPatchEmbedding(
+            config.num_channels, width, kernel_size=config.patch_size, stride=config.patch_size, bias=False
+        )
+        grid = config.image_size // config.patch_size
+        self.position_embedding = nn.Embedding(grid * grid + 1, width)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        height, width = pixel_values.shape[-2:]
+        patch = self.config.patch_size
+        x = (
+            self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+            .flatten(2)
+            .transpose(1, 2)
+        )
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        pos = self.position_embedding(torch.arange(self.position_embedding.num_embeddings, device=x.device))
+        if (height, width) != (self.config.image_size,) * 2:
+            pos = torch.cat([pos[:1], _resize_grid(pos[1:], (height // patch, width // patch))])
+        return x + pos
+
+
 class HfClipVisionTransformer(HfClipPreTrainedModel):
     """ViT image tower: bias-free patch convolution, class token, `ln_pre`, encoder, LayerNorm on the class token."""
 
@@ -485,13 +561,7 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
     def __init__(self, config: HfClipVisionConfig) -> None:
         super().__init__(config)
         width = config.hidden_size
-        self.embeddings = nn.Module()
-        self.embeddings.class_embedding = nn.Parameter(torch.zeros(width))
-        self.embeddings.patch_embedding = HfClipPatchEmbedding(
-            config.num_channels, width, kernel_size=config.patch_size, stride=config.patch_size, bias=False
-        )
-        grid = config.image_size // config.patch_size
-        self.embeddings.position_embedding = nn.Embedding(grid * grid + 1, width)
+        self.embeddings = HfClipVisionEmbeddings(config)
         self.pre_layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.encoder = HfClipEncoder(config)
         self.post_layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
@@ -509,16 +579,8 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
         projection and MLP run one row instead of 50 (ViT-B/32) or 197 (ViT-B/16): about 1/12 of the
         tower's work. `last_hidden_state` then holds the class token only."""
         height, width = pixel_values.shape[-2:]
-        patch = self.config.patch_size
-        _check_size(height, width, self.config.image_size, interpolate_pos_encoding, patch)
-        emb = self.embeddings
-        x = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
-        cls = emb.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1)
-        pos = emb.position_embedding.weight
-        if (height, width) != (self.config.image_size,) * 2:
-            pos = torch.cat([pos[:1], _resize_grid(pos[1:], (height // patch, width // patch))])
-        x = x + pos
+        _check_size(height, width, self.config.image_size, interpolate_pos_encoding, self.config.patch_size)
+        x = self.embeddings(pixel_values)
         if self.training and self.config.patch_dropout > 0:
             x = _drop_patches(x, self.config.patch_dropout)
         x = self.pre_layernorm(x)
@@ -734,12 +796,18 @@ class HfClipTextModel(HfClipPreTrainedModel):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPooling:
+    ) -> BaseModelOutputWithPooling | tuple[Any, ...]:
         """`attention_mask` is accepted for API compatibility: the tower is causal and pools at the end-of-text
         token, so right padding never changes the result."""
-        return self.text_model(input_ids, output_hidden_states=output_hidden_states)
+        hidden, as_dict = self._call_options(output_hidden_states, return_dict, kwargs)
+        out = self._project(self.text_model(input_ids, output_hidden_states=hidden))
+        return out if as_dict else out.to_tuple()
+
+    def _project(self, out: BaseModelOutputWithPooling) -> ModelOutput:
+        return out
 
 
 class HfClipVisionModel(HfClipPreTrainedModel):
@@ -762,10 +830,16 @@ class HfClipVisionModel(HfClipPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPooling:
-        return self.vision_model(pixel_values, interpolate_pos_encoding, output_hidden_states)
+    ) -> BaseModelOutputWithPooling | tuple[Any, ...]:
+        hidden, as_dict = self._call_options(output_hidden_states, return_dict, kwargs)
+        out = self._project(self.vision_model(pixel_values, interpolate_pos_encoding, hidden))
+        return out if as_dict else out.to_tuple()
+
+    def _project(self, out: BaseModelOutputWithPooling) -> ModelOutput:
+        return out
 
 
 class HfClipTextModelWithProjection(HfClipTextModel):
@@ -773,8 +847,7 @@ class HfClipTextModelWithProjection(HfClipTextModel):
 
     _with_projection = True
 
-    def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> HfClipTextModelOutput:
-        out = super().forward(input_ids, *args, **kwargs)
+    def _project(self, out: BaseModelOutputWithPooling) -> ModelOutput:
         return HfClipTextModelOutput(
             text_embeds=self.text_projection(out.pooler_output),
             last_hidden_state=out.last_hidden_state,
@@ -787,8 +860,7 @@ class HfClipVisionModelWithProjection(HfClipVisionModel):
 
     _with_projection = True
 
-    def forward(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> HfClipVisionModelOutput:
-        out = super().forward(pixel_values, *args, **kwargs)
+    def _project(self, out: BaseModelOutputWithPooling) -> ModelOutput:
         return HfClipVisionModelOutput(
             image_embeds=self.visual_projection(out.pooler_output),
             last_hidden_state=out.last_hidden_state,
@@ -813,6 +885,11 @@ class HfClipModel(HfClipPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.text_model.embeddings.token_embedding
 
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.text_model.embeddings.token_embedding = value
+        # The text tower has its own config object: keep both sizes (saved and reloaded) the same.
+        self.text_model.config.vocab_size = self.config.text_config.vocab_size = value.num_embeddings
+
     def get_text_features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> torch.Tensor:
@@ -834,15 +911,16 @@ class HfClipModel(HfClipPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         return_loss: bool | None = None,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> HfClipOutput | tuple[Any, ...]:
         """Contrastive logits (and the loss with `return_loss=True`). Only what reaches the embeddings runs:
         captions are trimmed after the batch's last end-of-text token, and a ViT's last block runs for the
         class token alone, which changes no embedding (nor gradient). `text_model_output.last_hidden_state`
-        is then that long and `vision_model_output.last_hidden_state` holds the class token;
-        `output_hidden_states=True` runs every position and token."""
+        then stops at that token, and `vision_model_output.last_hidden_state` is None for a ViT (rather than
+        a tensor without patch tokens); `output_hidden_states=True` runs and returns every position and token."""
+        output_hidden_states, as_dict = self._call_options(output_hidden_states, return_dict, kwargs)
         if input_ids is None or pixel_values is None:
             raise ValueError(
                 "HfClipModel.forward needs both input_ids and pixel_values; use get_text_features or "
@@ -856,6 +934,8 @@ class HfClipModel(HfClipPreTrainedModel):
             pixel_values, interpolate_pos_encoding, output_hidden_states, pooled_only=True
         )
         text_out = self.text_model(input_ids, output_hidden_states=output_hidden_states, trim=trim)
+        if not output_hidden_states and isinstance(self.vision_model, HfClipVisionTransformer):
+            vision_out.last_hidden_state = None  # the class token alone ran the last block: see the docstring
         image_embeds = _normalize(self.visual_projection(vision_out.pooler_output))
         text_embeds = _normalize(self.text_projection(text_out.pooler_output))
         scale = self.logit_scale.exp()
@@ -881,7 +961,7 @@ class HfClipModel(HfClipPreTrainedModel):
             logit_scale=scale,
             logit_bias=self.logit_bias,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if as_dict else output.to_tuple()
 
 
 # Which Auto classes each model answers to; written into `auto_map` by save_pretrained.

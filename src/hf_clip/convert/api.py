@@ -93,11 +93,11 @@ def load_hf_clip_state_dict(
 ) -> tuple[dict[str, torch.Tensor], HfClipConfig]:
     """Read any supported checkpoint and return its weights under hf_clip names, with the matching config.
 
-    `activation` ("quick_gelu" or "gelu") overrides the config; without a config file (OpenAI / open_clip
-    checkpoints) it defaults to "quick_gelu", the activation of OpenAI's released weights. Shapes cannot
-    tell head counts: for OpenAI / open_clip files whose heads are not width // 64 (the LAION ViT-H/g/bigG),
-    name the architecture with `config`: an `HfClipConfig`, a preset name ("ViT-H-14") or a config.json path;
-    the weights are then checked against it.
+    `activation` ("quick_gelu" or "gelu") overrides the config. Without a config file (OpenAI / open_clip
+    checkpoints) sizes that are a preset's take its head counts and activation (LAION's ViT-H/g/bigG: 16
+    heads, GELU); other sizes get heads of width // 64 and "quick_gelu", the activation of OpenAI's released
+    weights. Where that is wrong, name the architecture with `config`: an `HfClipConfig`, a preset name
+    ("ViT-H-14") or a config.json path; the weights are then checked against it.
     """
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r}; use one of {ACTIVATIONS}.")
@@ -109,13 +109,13 @@ def load_hf_clip_state_dict(
         if config is not None:
             config = _given_config(config)
         else:
-            config = infer_openai_config(state_dict, activation or "quick_gelu")
+            config = infer_openai_config(state_dict, activation)
         state_dict = apply_rules(state_dict, openai_rules(config), OPENAI_EXTRA_KEYS, what)
     elif layout == "transformers":
         if isinstance(source_config, CLIPConfig):
             config = config_from_transformers(source_config)
         else:
-            config = infer_transformers_config(state_dict, activation or "quick_gelu")
+            config = infer_transformers_config(state_dict, activation)
         state_dict = apply_rules(state_dict, transformers_rules(config), TRANSFORMERS_EXTRA_KEYS, what)
     else:
         if not isinstance(source_config, HfClipConfig):

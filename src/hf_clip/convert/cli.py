@@ -13,8 +13,10 @@ without executing it), an OpenAI / open_clip state dict (.pt, .bin, .safetensors
 CLIPModel directory or an hf_clip directory. With --to transformers, an hf_clip (or any ViT) source is
 written as a transformers CLIPModel directory instead.
 
-OpenAI / open_clip files do not record their activation; QuickGELU (that of OpenAI's released weights)
-is assumed unless --gelu is given (e.g. for open_clip models trained with exact GELU)."""
+OpenAI / open_clip files record neither their activation nor their head counts. Sizes that are a
+preset's take its heads and activation (LAION's ViT-H/g/bigG: 16 heads, exact GELU); otherwise heads are
+width / 64 and QuickGELU (that of OpenAI's released weights) is assumed unless --gelu is given (e.g. for
+open_clip models trained with exact GELU). --config names the architecture where neither holds."""
 
 
 def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -60,17 +62,26 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 def run_convert(args: argparse.Namespace) -> int:
     """Run the conversion described by parsed arguments; returns the process exit code."""
-    from .api import convert_checkpoint
+    import sys
 
-    out = convert_checkpoint(
-        args.src,
-        args.out_dir,
-        to=args.to,
-        bpe_vocab=args.bpe_vocab,
-        activation=args.activation,
-        overwrite=args.overwrite,
-        processor=args.processor,
-        config=args.config,
-    )
+    from .api import convert_checkpoint
+    from .rules import ConversionError
+
+    try:
+        out = convert_checkpoint(
+            args.src,
+            args.out_dir,
+            to=args.to,
+            bpe_vocab=args.bpe_vocab,
+            activation=args.activation,
+            overwrite=args.overwrite,
+            processor=args.processor,
+            config=args.config,
+        )
+    except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as error:
+        # The message names the problem and the fix; a traceback adds nothing for a command-line user.
+        message = str(error).replace("pass overwrite=True", "pass --overwrite")
+        print(f"hf-clip convert: error: {message}", file=sys.stderr)
+        return 2
     print(f"Wrote {args.to} model to {out}")
     return 0

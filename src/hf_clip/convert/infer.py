@@ -3,20 +3,36 @@
 OpenAI's archives and open_clip's state dicts carry no config. Everything but the activation follows from
 the shapes: widths, depths (counted from block names), patch size, image size (the position-embedding count
 is a square grid plus one), ResNet stage depths, embedding width, vocabulary and context length. Head
-counts follow CLIP's rule (width / 64; ResNet attention pool: width * 32 / 64). The activation cannot be
-seen: OpenAI's released weights use QuickGELU, so that is the default.
+counts and the activation cannot be seen. When the sizes are those of a preset, its head counts and
+activation are used: LAION's ViT-H/g/bigG have 80-104-wide heads and exact GELU. Otherwise heads follow
+CLIP's rule (width / 64; ResNet attention pool: width * 32 / 64) and the activation is QuickGELU, that of
+OpenAI's released weights; `--config` names the architecture where neither holds.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Mapping
 
 import torch
 
-from ..configuration_hf_clip import HfClipConfig
+from ..configuration_hf_clip import PRESETS, HfClipConfig
 from .rules import ConversionError
+
+logger = logging.getLogger(__name__)
+
+# What shapes show of a tower (heads and activation are what they do not).
+_VISIBLE = (
+    "vision_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "patch_size",
+    "image_size",
+    "resnet_layers",
+)
 
 __all__ = ["detect_layout", "infer_openai_config", "infer_transformers_config"]
 
@@ -69,21 +85,43 @@ def _token_ids(vocab_size: int) -> dict[str, int]:
 
 
 def _transformer_tower(
-    state_dict: Mapping[str, torch.Tensor], blocks: str, fc1: str, width: int, activation: str
+    state_dict: Mapping[str, torch.Tensor], blocks: str, fc1: str, width: int
 ) -> dict[str, object]:
-    """Width, MLP size, depth, heads (CLIP's width / 64) and activation of a transformer tower whose blocks
-    are named ``{blocks}{i}.`` with the first MLP layer at ``{blocks}0.{fc1}``."""
+    """Width, MLP size, depth and heads (CLIP's width / 64) of a transformer tower whose blocks are named
+    ``{blocks}{i}.`` with the first MLP layer at ``{blocks}0.{fc1}``."""
     return dict(
         hidden_size=width,
         intermediate_size=_get(state_dict, f"{blocks}0.{fc1}").shape[0],
         num_hidden_layers=_count(state_dict, re.escape(blocks) + r"(\d+)\."),
         num_attention_heads=max(1, width // 64),
-        hidden_act=activation,
     )
 
 
+def _with_preset_heads(config: HfClipConfig, activation: str | None) -> HfClipConfig:
+    """Head counts (and, unless given, the activation) of the preset whose sizes these are, if any."""
+
+    def visible(c: HfClipConfig) -> tuple:
+        towers = (c.vision_config, c.text_config)
+        return (c.projection_dim, *(getattr(t, k, None) for t in towers for k in _VISIBLE))
+
+    for name in PRESETS:
+        preset = HfClipConfig.from_preset(name)
+        if visible(preset) == visible(config):
+            for tower, ref in (
+                (config.vision_config, preset.vision_config),
+                (config.text_config, preset.text_config),
+            ):
+                tower.num_attention_heads = ref.num_attention_heads
+                tower.hidden_act = activation or ref.hidden_act
+            logger.info("The sizes are those of %s: its head counts are used.", name)
+            return config
+    for tower in (config.vision_config, config.text_config):
+        tower.hidden_act = activation or "quick_gelu"
+    return config
+
+
 def infer_openai_config(
-    state_dict: Mapping[str, torch.Tensor], activation: str = "quick_gelu"
+    state_dict: Mapping[str, torch.Tensor], activation: str | None = None
 ) -> HfClipConfig:
     """The config of an OpenAI / open_clip CLIP state dict (ViT or modified-ResNet image tower)."""
     unsupported = [k for k in state_dict if k.startswith(("visual.trunk.", "text.", "visual.attn_pool."))]
@@ -96,7 +134,7 @@ def infer_openai_config(
     vocab_size = _get(state_dict, "token_embedding.weight").shape[0]
     text = dict(
         vocab_size=vocab_size,
-        **_transformer_tower(state_dict, "transformer.resblocks.", "mlp.c_fc.weight", width, activation),
+        **_transformer_tower(state_dict, "transformer.resblocks.", "mlp.c_fc.weight", width),
         max_position_embeddings=_get(state_dict, "positional_embedding").shape[0],
         **_token_ids(vocab_size),
     )
@@ -110,7 +148,7 @@ def infer_openai_config(
             image_size=grid * patch_size,
             patch_size=patch_size,
             **_transformer_tower(
-                state_dict, "visual.transformer.resblocks.", "mlp.c_fc.weight", vision_width, activation
+                state_dict, "visual.transformer.resblocks.", "mlp.c_fc.weight", vision_width
             ),
         )
     elif "visual.attnpool.positional_embedding" in state_dict:
@@ -122,17 +160,17 @@ def infer_openai_config(
             hidden_size=vision_width,
             resnet_layers=[_count(state_dict, rf"visual\.layer{i}\.(\d+)\.") for i in (1, 2, 3, 4)],
             num_attention_heads=max(1, vision_width * 32 // 64),
-            hidden_act=activation,
         )
     else:
         raise ConversionError(
             "The checkpoint has neither a ViT ('visual.proj') nor a ResNet ('visual.attnpool')."
         )
-    return HfClipConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+    config = HfClipConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+    return _with_preset_heads(config, activation)
 
 
 def infer_transformers_config(
-    state_dict: Mapping[str, torch.Tensor], activation: str = "quick_gelu"
+    state_dict: Mapping[str, torch.Tensor], activation: str | None = None
 ) -> HfClipConfig:
     """The config of a bare transformers `CLIPModel` state dict (a weights file without its config.json)."""
     width = _get(state_dict, "text_model.final_layer_norm.weight").shape[0]
@@ -141,22 +179,19 @@ def infer_transformers_config(
     vision_width, patch_size = patch.shape[0], patch.shape[-1]
     positions = _get(state_dict, "vision_model.embeddings.position_embedding.weight").shape[0]
     context = _get(state_dict, "text_model.embeddings.position_embedding.weight").shape[0]
-    return HfClipConfig(
+    config = HfClipConfig(
         text_config=dict(
             vocab_size=vocab_size,
             max_position_embeddings=context,
-            **_transformer_tower(
-                state_dict, "text_model.encoder.layers.", "mlp.fc1.weight", width, activation
-            ),
+            **_transformer_tower(state_dict, "text_model.encoder.layers.", "mlp.fc1.weight", width),
             **_token_ids(vocab_size),
         ),
         vision_config=dict(
             vision_type="vit",
             image_size=_grid(positions, "vision_model.embeddings.position_embedding") * patch_size,
             patch_size=patch_size,
-            **_transformer_tower(
-                state_dict, "vision_model.encoder.layers.", "mlp.fc1.weight", vision_width, activation
-            ),
+            **_transformer_tower(state_dict, "vision_model.encoder.layers.", "mlp.fc1.weight", vision_width),
         ),
         projection_dim=_get(state_dict, "text_projection.weight").shape[0],
     )
+    return _with_preset_heads(config, activation)

@@ -34,9 +34,14 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     not_tensors = sorted(key for key, value in obj.items() if not isinstance(value, torch.Tensor))
     if not_tensors:
         raise ValueError(f"{path}: entries {not_tensors[:10]} are not tensors; expected a flat state dict.")
-    state_dict = dict(obj)
-    if all(key.startswith("module.") for key in state_dict):
-        state_dict = {key[len("module.") :]: value for key, value in state_dict.items()}
+    return _without_wrapper_prefixes(dict(obj))
+
+
+def _without_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DistributedDataParallel's "module." and torch.compile's "_orig_mod." (in either order)."""
+    for prefix in ("module.", "_orig_mod.", "module."):
+        if all(key.startswith(prefix) for key in state_dict):
+            state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
     return state_dict
 
 
@@ -53,7 +58,7 @@ def load_state_dict_file(path: str | PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path}.")
     if _is_safetensors(path):
-        return load_file(str(path), device="cpu")
+        return _without_wrapper_prefixes(load_file(str(path), device="cpu"))
     if is_torchscript_archive(path):
         return read_torchscript_state_dict(path)
     try:

@@ -63,8 +63,8 @@ def apply_rules(
         if unexpected:
             problems.append(f"unexpected tensors: {_summary(unexpected)}")
         raise ConversionError(
-            f"The {what} does not match the inferred architecture ({'; '.join(problems)}). It may be a "
-            "different model family, a partial file, or need another layout."
+            f"The {what} does not match the architecture it is read as ({'; '.join(problems)}). It may be "
+            "a different model family or a partial file, or need another --config."
         )
     out: dict[str, torch.Tensor] = {}
     for rule in rules:
