@@ -344,3 +344,29 @@ def test_options_on_a_loaded_model_apply_or_say_why_not():
         _pretrained_overrides(PretrainArguments(image_size=48), model)
     with pytest.raises(ValueError, match="needs a model with a logit bias"):
         _pretrained_overrides(PretrainArguments(loss="siglip"), model)
+
+
+def _no_transform(image, generator):
+    return torch.zeros(1)
+
+
+def test_streaming_rows_reach_the_loader_once_with_workers():
+    """`datasets` already gives each DataLoader worker its own shards (a second split dropped half the rows);
+    a resumed stream skips the batches already trained."""
+    from datasets import Dataset
+
+    from hf_clip.training.data import StreamingCaptionDataset
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(png, format="PNG")
+    captions = [f"caption {i}" for i in range(24)]
+    stream = Dataset.from_dict({"image": [png.getvalue()] * 24, "caption": captions}).to_iterable_dataset(
+        num_shards=2
+    )
+    rows = StreamingCaptionDataset(stream, "image", "caption", _no_transform)
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(rows, batch_size=4, num_workers=workers, collate_fn=list)
+        assert sorted(r["caption"] for batch in loader for r in batch) == sorted(captions), workers
+    rows.batch_size, rows.start_batch = 4, 2
+    loader = torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=list)
+    assert [r["caption"] for batch in loader for r in batch] == captions[8:]
