@@ -128,6 +128,23 @@ def test_custom_backward_is_applied_once_per_micro_batch_and_no_sync_skips_the_l
     _assert_same_grads({k: v / scale for k, v in _grads(model).items()}, _grads(reference))
 
 
+def test_batch_norm_statistics_are_updated_once_per_micro_batch():
+    """The feature pass runs every micro-batch once more; its BatchNorm updates are undone."""
+    torch.manual_seed(0)
+    model = _ToyTwoTower()
+    model.image_tower.insert(1, nn.BatchNorm1d(32))
+    reference = copy.deepcopy(model)
+    images, tokens = _batch()
+    micro = _micro_batches(images, tokens)
+    for image_inputs, _ in micro:  # what plain training on these micro-batches does to the statistics
+        reference.encode_image(image_inputs)
+    contrastive_accumulation_step(
+        model.encode_image, model.encode_text, micro, ClipLoss(), model.logit_scale.exp(), model=model
+    )
+    for name, buffer in reference.image_tower[1].named_buffers():
+        torch.testing.assert_close(getattr(model.image_tower[1], name), buffer, msg=name)
+
+
 def test_empty_micro_batches_are_rejected():
     model = _ToyTwoTower()
     with pytest.raises(ValueError, match="micro_batches is empty"):

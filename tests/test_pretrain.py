@@ -207,6 +207,8 @@ def test_webdataset_shards_streaming(tmp_path):
     run_pretraining(resumed)
     after = logged_losses(Path(resumed.output_dir))
     assert sorted(after) == [3, 4, 5]
+    resumed_log = (Path(resumed.output_dir) / "train_log.jsonl").read_text().splitlines()
+    assert json.loads(resumed_log[-1])["skipped_samples"] == 1  # the count from before the resume carried on
     assert [after[s] for s in (3, 4, 5)] == pytest.approx([uninterrupted[s] for s in (3, 4, 5)], abs=1e-6)
 
 

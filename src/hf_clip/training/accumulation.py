@@ -44,6 +44,7 @@ def contrastive_accumulation_step(
     logit_bias: torch.Tensor | float | None = None,
     backward: Callable[[torch.Tensor], Any] | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    model: nn.Module | None = None,
 ) -> torch.Tensor:
     """Accumulate gradients over `micro_batches` as if they formed one contrastive batch.
 
@@ -64,6 +65,8 @@ def contrastive_accumulation_step(
             `lambda: accelerator.no_sync(model)`, to skip redundant DDP gradient all-reduces. When the
             encoders bypass the DDP wrapper (e.g. `model.module.get_image_features`), DDP never reduces;
             call `average_gradients(model)` after this function instead.
+        model: the module the encoders run; its BatchNorm running statistics are put back after the
+            feature pass, so that each micro-batch updates them once (in the recompute), not twice.
 
     Returns the (detached) loss over the accumulated batch. Gradients are accumulated into `.grad`;
     zero them before and step the optimizer after, as usual.
@@ -74,12 +77,14 @@ def contrastive_accumulation_step(
 
     # 1. Features for the whole accumulated batch, without activations.
     rng_states, image_cache, text_cache = [], [], []
+    norm_stats = _BatchNormStats(model)
     with torch.no_grad():
         for image_inputs, text_inputs in micro_batches:
             rng_states.append(_RngState())
             image_cache.append(encode_image(image_inputs))
             text_cache.append(encode_text(text_inputs))
     final_rng = _RngState()
+    norm_stats.restore()
 
     # 2. Loss over the accumulated batch; gradients w.r.t. the cached features and the loss scalars.
     image_features = torch.cat(image_cache).requires_grad_()
@@ -109,6 +114,23 @@ def contrastive_accumulation_step(
             backward(surrogate)
     final_rng.restore()
     return loss.detach()
+
+
+class _BatchNormStats:
+    """The running statistics of a module's BatchNorm layers, to undo the feature pass's update."""
+
+    def __init__(self, model: nn.Module | None) -> None:
+        norms = (
+            [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if model else []
+        )
+        self.saved = [
+            (buffer, buffer.clone()) for m in norms if m.training for buffer in m.buffers(recurse=False)
+        ]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for buffer, value in self.saved:
+            buffer.copy_(value)
 
 
 def _dot(tensor: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -98,7 +98,12 @@ class PretrainArguments:
     learning_rate: float = 1e-3
     weight_decay: float = 0.2
     warmup_steps: int = 50
-    max_grad_norm: float | None = None
+    max_grad_norm: float | None = field(
+        default=None,
+        metadata={
+            "help": "Clip the gradient norm (under DeepSpeed too, replacing its config's gradient_clipping)."
+        },
+    )
     image_size: int | None = None
     crop_scale: float = field(
         default=0.9, metadata={"help": "Smallest area fraction of the random square crop."}
@@ -226,7 +231,9 @@ def _checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def _save_checkpoint(accelerator: Any, output_dir: Path, step: int, epoch: int, batch_in_epoch: int) -> None:
+def _save_checkpoint(
+    accelerator: Any, output_dir: Path, step: int, epoch: int, batch_in_epoch: int, skipped: int
+) -> None:
     """Full state via accelerate into step_N.tmp, then an atomic rename: readers never see a partial one."""
     final = output_dir / "checkpoints" / f"step_{step}"
     tmp = final.with_name(final.name + ".tmp")
@@ -236,7 +243,7 @@ def _save_checkpoint(accelerator: Any, output_dir: Path, step: int, epoch: int, 
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         (tmp / "progress.json").write_text(
-            json.dumps({"step": step, "epoch": epoch, "batch": batch_in_epoch})
+            json.dumps({"step": step, "epoch": epoch, "batch": batch_in_epoch, "skipped": skipped})
         )
         # A run resumed from an earlier step writes this step again. A folder cannot be renamed over a full
         # one, so the old one is moved aside first and deleted only once the new one is in place.
@@ -371,6 +378,11 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         else:
             model = torch.compile(model)
     raw_model = accelerator.unwrap_model(model)
+    if args.torch_compile and args.gradient_accumulation_steps > 1:
+        accelerator.print(
+            "Note: --gradient_accumulation_steps > 1 runs the towers directly (GradCache), so --torch_compile "
+            "does not apply to them."
+        )
     if is_deepspeed and args.gradient_accumulation_steps > 1:
         raise ValueError(
             "--gradient_accumulation_steps > 1 uses GradCache, which is not supported under DeepSpeed."
@@ -378,7 +390,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     loss_fn = SigLipLoss() if args.loss == "siglip" else ClipLoss()
     collate = CaptionCollator(tokenizer, context)
 
-    step, epoch, start_batch = 0, 0, 0
+    step, epoch, start_batch, skipped_before = 0, 0, 0, 0
     found = _checkpoints(output_dir)
     if args.resume_from_checkpoint == "latest" and not found:
         # One command for a preemptible job, first launch included (open_clip's --resume latest).
@@ -392,6 +404,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         accelerator.load_state(str(path))
         progress = json.loads((path / "progress.json").read_text())
         step, epoch, start_batch = progress["step"], progress["epoch"], progress["batch"]
+        skipped_before = progress.get("skipped", 0)
         accelerator.print(f"Resumed from {path} at step {step}.")
 
     if accelerator.log_with:
@@ -422,16 +435,17 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         return torch.utils.data.DataLoader(train_rows, batch_sampler=sampler, **common)
 
     def forward_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss over the global batch; the temperature comes out of forward (ZeRO-3 only gathers it there)."""
-        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+        """Loss over the global batch; the temperature comes out of forward (ZeRO-3 only gathers it there).
+        The towers run under autocast, the loss outside it: fp32 logits, as in the accumulation path."""
+        with accelerator.autocast():
+            out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
         extra = (out.logit_bias,) if args.loss == "siglip" else ()
         loss = loss_fn(out.image_embeds.float(), out.text_embeds.float(), out.logit_scale.float(), *extra)
         return loss, out.logit_scale.detach()
 
     def training_step(micro: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         if len(micro) == 1:
-            with accelerator.autocast():
-                loss, scale = forward_loss(micro[0])
+            loss, scale = forward_loss(micro[0])
             accelerator.backward(loss)
             return loss.detach(), scale
 
@@ -453,11 +467,13 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
             scale,
             logit_bias=raw_model.logit_bias if args.loss == "siglip" else None,
             backward=accelerator.backward,
+            model=raw_model,
         )
         average_gradients(raw_model)  # the encoders bypassed DDP's hooks
         return loss, scale.detach()
 
-    skipped = torch.zeros((), dtype=torch.long)
+    # Counted per process and summed when logged; the count before a resume is carried by the main process.
+    skipped = torch.tensor(skipped_before if accelerator.is_main_process else 0, dtype=torch.long)
     progress = tqdm(
         total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="pretraining"
     )
@@ -523,7 +539,8 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
                         f.write(json.dumps({"step": step, **logs}) + "\n")
                 window = dict.fromkeys(window, 0.0)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                _save_checkpoint(accelerator, output_dir, step, epoch, batch_in_epoch)
+                dropped = int(accelerator.reduce(skipped.to(accelerator.device), "sum"))
+                _save_checkpoint(accelerator, output_dir, step, epoch, batch_in_epoch, dropped)
             if args.eval_steps and step % args.eval_steps == 0 and eval_data is not None:
                 metrics = evaluate(raw_model, tokenizer, image_processor, eval_data, args, accelerator)
                 accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
