@@ -583,7 +583,9 @@ def test_call_conventions_of_transformers():
     ids, px = ids_batch(), pixels(cfg)
     with torch.no_grad():
         as_tuple = model(input_ids=ids, pixel_values=px, return_dict=False)
-        assert isinstance(as_tuple, tuple) and torch.is_tensor(as_tuple[0])  # logits_per_image first, no loss
+        # transformers' CLIPOutput layout: logits_per_image, logits_per_text, text_embeds, image_embeds, towers.
+        assert isinstance(as_tuple, tuple) and len(as_tuple) == 6 and isinstance(as_tuple[4], tuple)
+        assert torch.equal(as_tuple[0], model(input_ids=ids, pixel_values=px).logits_per_image)
         model.config.output_hidden_states = True
         assert len(model(input_ids=ids, pixel_values=px).vision_model_output.hidden_states) == 3
         model.config.output_hidden_states = False

@@ -37,8 +37,8 @@ class QuickGELU(nn.Module):
 def _may_overwrite(output: torch.Tensor, *producers: nn.Module) -> bool:
     """Whether a fresh intermediate may be updated in place: nothing needs it for backward, and no hook on
     the modules that made or receive it (interpretability code captures these) could hold a reference."""
-    if torch.is_grad_enabled() and output.requires_grad:
-        return False
+    if (torch.is_grad_enabled() and output.requires_grad) or torch.jit.is_tracing():
+        return False  # a trace would keep the in-place op for later calls that may need gradients
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
     return not any(m._forward_hooks or m._forward_pre_hooks for m in producers)
@@ -751,9 +751,11 @@ class HfClipOutput(ModelOutput):
     logit_bias: torch.Tensor | None = None
 
     def to_tuple(self) -> tuple[Any, ...]:
+        """transformers' CLIPOutput layout (the temperature and bias stay attributes of the dict form)."""
         return tuple(
             self[k].to_tuple() if k in ("text_model_output", "vision_model_output") else self[k]
             for k in self.keys()
+            if k not in ("logit_scale", "logit_bias")
         )
 
 
