@@ -246,6 +246,12 @@ class ModelSet:
     def tower(self) -> str:
         return "resnet" if self.config.vision_config.vision_type == "resnet" else "vit"
 
+    def cast(self, dtype: torch.dtype) -> ModelSet:
+        """Copies of every implementation with weights in `dtype`, made the same way one after another."""
+        return ModelSet(
+            self.name, self.config, {k: copy.deepcopy(m).to(dtype) for k, m in self.models.items()}
+        )
+
 
 def _check_model_name(name: str) -> None:
     if name not in MODEL_NAMES:
@@ -336,12 +342,21 @@ def image_encoder(impl: str, model: nn.Module) -> Callable[[torch.Tensor], torch
 
 
 def text_encoder(impl: str, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Each library's public call for projected, unnormalised text embeddings."""
+    """Each library's public call for projected, unnormalised text embeddings, on the ids its own tokenizer
+    hands it for these captions: open_clip's tokenizer pads to 77 and its towers take nothing else;
+    transformers' processor pads to the batch's longest caption (`padding=True`, as its documentation
+    shows), so it gets those; hf_clip takes 77-padded ids and trims them itself."""
     if impl == "hf_clip":
         return model.get_text_features
     if impl == "open_clip":
         return model.encode_text
-    return lambda ids: model.get_text_features(input_ids=ids).pooler_output
+    eos = model.config.text_config.eos_token_id
+    return lambda ids: model.get_text_features(input_ids=longest_padded(ids, eos)).pooler_output
+
+
+def longest_padded(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """77-padded ids cut to the batch's longest caption: what a tokenizer with padding=True returns."""
+    return ids[:, : text_positions_run(ids, eos_token_id)]
 
 
 def make_inputs(

@@ -1,7 +1,9 @@
 """One full training step (forward, contrastive loss, backward, AdamW step): hf_clip vs open_clip vs transformers.
 
-Identical weights and inputs for every implementation (see _common.py); each one trains with its own
-library's loss: hf_clip `hf_clip.training.ClipLoss` on the model's embeddings, open_clip
+Identical weights and captions for every implementation (see _common.py), as each library's tokenizer
+hands them over: 77-padded ids for open_clip and hf_clip, padded to the batch's longest caption for
+transformers (its processor's padding=True). On CPU in bf16 transformers runs eager attention, faster
+there than SDPA (hf_clip switches by itself). Each one trains with its own library's loss: hf_clip `hf_clip.training.ClipLoss` on the model's embeddings, open_clip
 `open_clip.loss.ClipLoss`, transformers `CLIPModel(..., return_loss=True)`. All use the same optimizer,
 `hf_clip.training.create_optimizer` (AdamW, the paper's betas/eps and weight-decay split) with
 fused=True (transformers' Trainer default; 4x faster than the for-loop AdamW on CPU), and set gradients
@@ -16,8 +18,8 @@ torch.profiler(profile_memory=True), whose running total of torch's CPU allocato
 pages); GPU: torch.cuda.max_memory_allocated.
 
 FLOPs: forward + loss + backward, counted once with FlopCounterMode on a weightless copy of the model, for
-the work each implementation does (the references run all 77 caption positions; hf_clip stops at the
-batch's last end-of-text token, which changes no embedding or gradient); "% of peak" (MFU) divides the achieved rate by a GEMM timed in the same rounds (see bench_matmul_peak.py).
+the work each implementation does (open_clip runs all 77 caption positions; transformers its padded
+length; hf_clip stops at the batch's last end-of-text token, which changes no embedding or gradient); "% of peak" (MFU) divides the achieved rate by a GEMM timed in the same rounds (see bench_matmul_peak.py).
 
     python benchmarks/bench_training.py [--models ViT-B-32 RN50] [--batch-size 32] [--dtypes fp32 bf16]
         [--repeats 3] [--threads N] [--quick] [--device cpu|cuda]
@@ -108,9 +110,12 @@ def make_step(
             return loss_fn(image, text, scale)
 
     else:
+        # transformers' processor pads to the batch's longest caption (padding=True); done by the data
+        # pipeline, before the step, as a tokenizer would.
+        short_ids = common.longest_padded(ids, model.config.text_config.eos_token_id)
 
         def loss_of() -> torch.Tensor:
-            return model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
+            return model(input_ids=short_ids, pixel_values=pixels, return_loss=True).loss
 
     forward_loss = torch.compile(loss_of) if compile_mode == "graph" else loss_of
 
@@ -211,9 +216,15 @@ def bench_model(
     positions = (
         None if args.compile == "graph" else common.text_positions_run(ids, config.text_config.eos_token_id)
     )
-    flops = {impl: step_flops(config, batch, positions if impl == "hf_clip" else None) for impl in impls}
+    flops = {impl: step_flops(config, batch, None if impl == "open_clip" else positions) for impl in impls}
     rows = []
     for dtype in args.dtypes:
+        if "transformers" in model_set.models:
+            # Each library at its fastest here: on CPU, bf16 training is faster with eager attention than with
+            # SDPA's flash backward at CLIP's sequence lengths, for transformers as for hf_clip (which switches
+            # by itself).
+            eager = device.type == "cpu" and dtype == "bf16"
+            model_set.models["transformers"].set_attn_implementation("eager" if eager else "sdpa")
         runners, first_loss, memory = {}, {}, {}
         for impl, model in model_set.models.items():
             step, optimizer = make_step(

@@ -539,3 +539,21 @@ def test_preset_sizes_take_the_presets_heads_and_activation(name):
     given = infer_openai_config(state, "quick_gelu")
     assert given.vision_config.hidden_act == "quick_gelu"
     assert given.vision_config.num_attention_heads == preset.vision_config.num_attention_heads
+
+
+def test_missing_bpe_vocabulary_is_reported_before_any_weights_are_written(tmp_path, monkeypatch):
+    import hf_clip.convert.api as api
+    from hf_clip.tokenization_hf_clip import OPENAI_BPE_FILENAME
+
+    def missing() -> str:
+        raise FileNotFoundError(f"{OPENAI_BPE_FILENAME} not found; pass --bpe-vocab PATH")
+
+    monkeypatch.setattr(api, "_find_openai_bpe", missing)
+    monkeypatch.setattr(api, "check_processor_vocabulary", lambda config: None)  # a small test vocabulary
+    reference = _reference(_shrunk_config("ViT-B-32-quickgelu"))
+    torch.save(reference.state_dict(), tmp_path / "b32.pt")
+    built = []
+    monkeypatch.setattr(api, "_build", lambda *args: built.append(args))
+    with pytest.raises(FileNotFoundError, match="--bpe-vocab"):
+        convert_checkpoint(tmp_path / "b32.pt", tmp_path / "out")
+    assert not built and not (tmp_path / "out").exists()

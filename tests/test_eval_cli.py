@@ -310,3 +310,17 @@ def test_bad_input_errors(model_dir, data, tmp_path):
     fails(["--dataset", str(data / "colours"), "--classnames", "red,\ufeff,blue"], "tokenise to nothing")
     fails(["--dataset", str(data / "colours"), "--templates", "no placeholder here"], "placeholder")
     assert not (tmp_path / "never").exists()
+
+
+def test_console_errors_are_one_line(model_dir, data, tmp_path, capsys, monkeypatch):
+    argv = ["eval", "zero-shot", "--model", str(model_dir), "--dataset", str(data / "colours")]
+    assert hf_clip_main([*argv, "--label_column", "class", "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-clip eval: error:") and "available columns" in err and "Traceback" not in err
+    # A local folder named like a shipped dataset does not turn --classnames cifar10 into one class "cifar10".
+    from hf_clip.evaluation.cli import _classnames
+    from hf_clip.zero_shot import get_classnames
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cifar10").mkdir()
+    assert _classnames(argparse.Namespace(classnames="cifar10")) == get_classnames("cifar10")

@@ -23,10 +23,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+    import sys
+
     from .evaluation.cli import run_eval
 
     args = build_parser().parse_args(argv)
-    result = (getattr(args, "func", None) or run_eval)(args)
+    try:
+        result = (getattr(args, "func", None) or run_eval)(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        # Bad input (a missing column, an unknown split, a wrong path): the message names the problem and
+        # the fix, so a command-line user gets it in one line; HF_CLIP_TRACEBACK=1 shows where it came from.
+        if os.environ.get("HF_CLIP_TRACEBACK"):
+            raise
+        print(f"hf-clip {args.command}: error: {error}", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
 
 

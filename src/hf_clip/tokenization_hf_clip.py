@@ -170,7 +170,8 @@ def _find_openai_bpe() -> str:
             return candidate
     raise FileNotFoundError(
         f"No path given and {OPENAI_BPE_FILENAME} was not found in an installed open_clip package. "
-        "Pass the path to OpenAI's merges file (it ships with open_clip_torch and openai/CLIP)."
+        "Install open_clip_torch (pip install open_clip_torch), which ships it, or pass the path to OpenAI's "
+        "merges file (hf-clip convert --bpe-vocab PATH, or bpe_vocab=PATH)."
     )
 
 

@@ -22,6 +22,7 @@ from transformers.initialization import no_init_weights
 
 from ..configuration_hf_clip import ACTIVATIONS, HfClipConfig
 from ..modeling_hf_clip import HfClipModel
+from ..tokenization_hf_clip import _find_openai_bpe
 from .infer import detect_layout, infer_openai_config, infer_transformers_config
 from .loading import load_state_dict_file
 from .openai import OPENAI_EXTRA_KEYS, openai_rules
@@ -182,6 +183,8 @@ def convert_checkpoint(
     state_dict, config = load_hf_clip_state_dict(src, activation, config)
     if processor:
         check_processor_vocabulary(config)
+        if bpe_vocab is None:
+            _find_openai_bpe()  # a missing vocabulary file is reported before any weights are written
     if to == "transformers":
         clip_config = config_to_transformers(config)
         model = _build(CLIPModel, clip_config, invert_rules(state_dict, transformers_rules(config)))

@@ -228,7 +228,7 @@ def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _classnames(args: argparse.Namespace) -> list[str] | None:
     spec = args.classnames
-    if spec and "," not in spec and not Path(spec).expanduser().exists():
+    if spec and "," not in spec and not Path(spec).expanduser().is_file():  # a folder "cifar10" is data
         from ..zero_shot import templates as shipped
 
         if shipped.is_known_dataset(spec):

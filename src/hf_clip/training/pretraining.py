@@ -185,6 +185,8 @@ def _pretrained_overrides(args: PretrainArguments, model: HfClipModel) -> None:
             f"({model.config.vision_config.image_size}); leave it out when --model is a model directory."
         )
     if args.patch_dropout:
+        if model.config.vision_config.vision_type != "vit":
+            raise ValueError("--patch_dropout drops ViT patch tokens; this checkpoint's image tower is a ResNet.")
         model.config.vision_config.patch_dropout = args.patch_dropout  # read at every training forward
     if args.loss == "siglip" and model.logit_bias is None:
         raise ValueError(
@@ -211,9 +213,24 @@ def _build_config(
         config.vision_config = type(config.vision_config)(
             **{**config.vision_config.to_dict(), **vision_overrides}
         )
+    if args.patch_dropout and config.vision_config.vision_type != "vit":
+        raise ValueError(
+            "--patch_dropout drops ViT patch tokens; this model's image tower is a ResNet. Leave it out, or "
+            "train a ViT (--model ViT-B/32, or a config.json with vision_type 'vit')."
+        )
     if args.loss == "siglip":
         config.logit_scale_init_value, config.logit_bias_init_value = math.log(10.0), -10.0
     return config
+
+
+def _match_norm_buffers(model: torch.nn.Module) -> None:
+    """DeepSpeed's bf16 casts parameters, not buffers: BatchNorm's running statistics stay fp32 beside bf16
+    weights, which batch_norm refuses. They follow their layer's weights, as `module.bfloat16()` would do."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and buffer.is_floating_point() and buffer.dtype != module.weight.dtype:
+                    setattr(module, name, buffer.to(module.weight.dtype))
 
 
 def clamp_temperature(model: HfClipModel, max_scale: float = 100.0) -> None:
@@ -370,6 +387,8 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         ds_config["gradient_clipping"] = float(args.max_grad_norm or 0.0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if is_deepspeed:
+        _match_norm_buffers(model)
     if args.torch_compile:
         # Compiled here, after wrapping, as accelerate's dynamo_backend would: accelerate keeps that setting
         # in per-process state, so a second run in the same process (a notebook, a test) silently ignored it.
