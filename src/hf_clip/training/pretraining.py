@@ -186,7 +186,9 @@ def _pretrained_overrides(args: PretrainArguments, model: HfClipModel) -> None:
         )
     if args.patch_dropout:
         if model.config.vision_config.vision_type != "vit":
-            raise ValueError("--patch_dropout drops ViT patch tokens; this checkpoint's image tower is a ResNet.")
+            raise ValueError(
+                "--patch_dropout drops ViT patch tokens; this checkpoint's image tower is a ResNet."
+            )
         model.config.vision_config.patch_dropout = args.patch_dropout  # read at every training forward
     if args.loss == "siglip" and model.logit_bias is None:
         raise ValueError(
