@@ -38,7 +38,11 @@ def _common_parser() -> argparse.ArgumentParser:
     group.add_argument(
         *_flag("num_workers"), dest="num_workers", type=int, default=2, help="DataLoader workers."
     )
-    group.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: cuda if available).")
+    group.add_argument(
+        "--device",
+        default=None,
+        help="cuda, cuda:1, cpu...; when not given (%(default)s), cuda if available.",
+    )
     group.add_argument(
         "--dtype",
         choices=["fp32", "bf16", "fp16"],
@@ -71,9 +75,9 @@ def _data_parser(label: bool = True) -> argparse.ArgumentParser:
     group.add_argument(
         *_flag("dataset_config"), dest="dataset_config", default=None, help="Hub dataset config name."
     )
-    group.add_argument(*_flag("image_column"), dest="image_column", default="image")
+    group.add_argument(*_flag("image_column"), dest="image_column", default="image", help="Image column.")
     if label:
-        group.add_argument(*_flag("label_column"), dest="label_column", default="label")
+        group.add_argument(*_flag("label_column"), dest="label_column", default="label", help="Label column.")
         group.add_argument(
             "--classnames",
             default=None,
@@ -88,7 +92,7 @@ def _add_templates(parser: argparse.ArgumentParser) -> None:
         "--templates",
         default="a photo of a {}.",
         help="Prompt templates: a shipped set (imagenet, cifar10, ...), a file with one template per line, "
-        "or one template containing '{}'. Default: 'a photo of a {}.'",
+        "or one template containing '{}'.",
     )
 
 
@@ -97,8 +101,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse._SubPars
     common = _common_parser()
     eval_parser = subparsers.add_parser(
         "eval",
-        help="Evaluate a model: zero-shot, linear probe, retrieval, robustness.",
-        description="The paper's evaluations. Each writes <task>_<dataset>.json, .md and .png to --output_dir.",
+        help="Evaluate a model: zero-shot, linear probe, retrieval, robustness, bias probes.",
+        description="The paper's evaluations. Each writes <task>_<dataset>[_<split>].json, .md and .png to "
+        "--output_dir (the split is named when it is not 'test').",
     )
     tasks = eval_parser.add_subparsers(dest="eval_task", required=True, metavar="TASK")
 
@@ -106,23 +111,31 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse._SubPars
         "zero-shot",
         parents=[common, _data_parser()],
         help="Zero-shot classification (top-1/5, mean per-class).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    zero_shot.add_argument("--split", default="test")
+    zero_shot.add_argument("--split", default="test", help="Split to evaluate.")
     _add_templates(zero_shot)
     zero_shot.set_defaults(eval_func=_run_zero_shot)
 
     probe = tasks.add_parser(
-        "linear-probe", parents=[common, _data_parser()], help="Logistic-regression probe on frozen features."
+        "linear-probe",
+        parents=[common, _data_parser()],
+        help="Logistic-regression probe on frozen features.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     probe.add_argument("--split", default="test", help="Split the final probe is scored on.")
-    probe.add_argument(*_flag("train_split"), dest="train_split", default="train")
+    probe.add_argument(
+        *_flag("train_split"), dest="train_split", default="train", help="Split the probe fits."
+    )
     probe.add_argument(
         *_flag("val_split"),
         dest="val_split",
         default=None,
         help="Validation split (default: carve from train).",
     )
-    probe.add_argument(*_flag("val_fraction"), dest="val_fraction", type=float, default=0.2)
+    probe.add_argument(
+        *_flag("val_fraction"), dest="val_fraction", type=float, default=0.2, help="Share of train held out."
+    )
     probe.add_argument(
         *_flag("probe_features"),
         dest="probe_features",
@@ -137,25 +150,31 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse._SubPars
         default="top1_accuracy",
         help="Validation metric that picks C.",
     )
-    probe.add_argument(*_flag("max_iter"), dest="max_iter", type=int, default=1000)
-    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument(*_flag("max_iter"), dest="max_iter", type=int, default=1000, help="L-BFGS iterations.")
+    probe.add_argument("--seed", type=int, default=0, help="Seed of the validation split.")
     probe.set_defaults(eval_func=_run_linear_probe)
 
     retrieval = tasks.add_parser(
-        "retrieval", parents=[common, _data_parser(label=False)], help="Image-text retrieval recall@k."
+        "retrieval",
+        parents=[common, _data_parser(label=False)],
+        help="Image-text retrieval recall@k.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    retrieval.add_argument("--split", default="test")
+    retrieval.add_argument("--split", default="test", help="Split to evaluate.")
     retrieval.add_argument(
         *_flag("caption_column"),
         dest="caption_column",
         default="caption",
         help="A caption or a list of captions.",
     )
-    retrieval.add_argument("--k", type=int, nargs="+", default=[1, 5, 10])
+    retrieval.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="Recall@k cut-offs.")
     retrieval.set_defaults(eval_func=_run_retrieval)
 
     robustness = tasks.add_parser(
-        "robustness", parents=[common, _data_parser()], help="Zero-shot accuracy under distribution shift."
+        "robustness",
+        parents=[common, _data_parser()],
+        help="Zero-shot accuracy under distribution shift.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     robustness.add_argument("--split", default="test", help="Split used for every dataset.")
     robustness.add_argument(
