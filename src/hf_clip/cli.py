@@ -22,22 +22,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# Bad input (a missing column, an unknown split, a wrong path, a checkpoint that does not convert): the
+# messages name the problem and the fix, so a command-line user gets them in one line.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def report_error(command: str, error: Exception) -> int:
+    """Print `error` as one line and return the exit code 2; HF_CLIP_TRACEBACK=1 re-raises it instead."""
     import os
     import sys
 
+    if os.environ.get("HF_CLIP_TRACEBACK"):
+        raise error
+    print(f"hf-clip {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     from .evaluation.cli import run_eval
 
     args = build_parser().parse_args(argv)
     try:
         result = (getattr(args, "func", None) or run_eval)(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        # Bad input (a missing column, an unknown split, a wrong path): the message names the problem and
-        # the fix, so a command-line user gets it in one line; HF_CLIP_TRACEBACK=1 shows where it came from.
-        if os.environ.get("HF_CLIP_TRACEBACK"):
-            raise
-        print(f"hf-clip {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as error:
+        return report_error(args.command, error)
     return result if isinstance(result, int) else 0
 
 

@@ -142,7 +142,9 @@ def _prepare_output(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory.")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} is not empty; choose a new directory or pass overwrite=True.")
+        raise FileExistsError(
+            f"{out_dir} is not empty; choose a new directory or pass overwrite=True (CLI: --overwrite)."
+        )
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:

@@ -62,10 +62,8 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 def run_convert(args: argparse.Namespace) -> int:
     """Run the conversion described by parsed arguments; returns the process exit code."""
-    import sys
-
+    from ..cli import USER_ERRORS, report_error
     from .api import convert_checkpoint
-    from .rules import ConversionError
 
     try:
         out = convert_checkpoint(
@@ -78,10 +76,7 @@ def run_convert(args: argparse.Namespace) -> int:
             processor=args.processor,
             config=args.config,
         )
-    except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as error:
-        # The message names the problem and the fix; a traceback adds nothing for a command-line user.
-        message = str(error).replace("pass overwrite=True", "pass --overwrite")
-        print(f"hf-clip convert: error: {message}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as error:  # ConversionError is a ValueError
+        return report_error("convert", error)
     print(f"Wrote {args.to} model to {out}")
     return 0
