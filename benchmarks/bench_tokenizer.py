@@ -15,11 +15,13 @@ Rust-side threads follow TOKENIZERS_PARALLELISM as set when the script starts (o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 _PARALLELISM = os.environ.get("TOKENIZERS_PARALLELISM")
 
@@ -27,7 +29,7 @@ import open_clip  # noqa: E402  (imported before the restore below, which it wou
 import torch  # noqa: E402
 from transformers import CLIPTokenizer  # noqa: E402
 
-from hf_clip.tokenization_hf_clip import HfClipTokenizer  # noqa: E402
+from hf_clip.tokenization_hf_clip import HfClipTokenizer, byte_symbols  # noqa: E402
 
 if _PARALLELISM is None:
     os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -102,11 +104,33 @@ def make_captions(count: int, non_ascii_share: float, seed: int = 0) -> list[str
     return captions
 
 
+# byte_symbols() lists the printable bytes as themselves, then the others (in byte order) from U+0100 on.
+_PLAIN = [ord(symbol) for symbol in byte_symbols() if ord(symbol) < 256]
+_BYTE_OF_SYMBOL = {
+    chr(code): byte
+    for code, byte in [*zip(_PLAIN, _PLAIN), *enumerate(sorted(set(range(256)) - set(_PLAIN)), start=256)]
+}
+
+
+def _decoded_word(token: str) -> str | None:
+    """A whole-word vocabulary entry as the text it stands for, or None. Entries are spelled in byte symbols
+    (GPT-2's byte-to-unicode map), so a word such as "café" is stored as "cafÃ©"; taken undecoded, those
+    spellings are mojibake that ftfy repairs, not words anyone writes."""
+    if not token.endswith("</w>"):
+        return None
+    try:
+        return bytes(map(_BYTE_OF_SYMBOL.__getitem__, token[:-4])).decode("utf-8")
+    except (KeyError, UnicodeDecodeError):
+        return None
+
+
 def make_wide_captions(count: int, vocab: dict[str, int], seed: int = 0) -> list[str]:
     """Captions of 6-20 words drawn Zipf-wise from every whole alphabetic word of OpenAI's BPE vocabulary
     (about 30k): web alt-text's long tail, where a tokenizer's per-word cache misses far more often than on
     the small-vocabulary corpus above."""
-    words = sorted(w[:-4] for w in vocab if w.endswith("</w>") and w[:-4].isalpha() and len(w) > 5)
+    words = sorted(
+        word for word in map(_decoded_word, vocab) if word is not None and word.isalpha() and len(word) > 1
+    )
     rng = random.Random(seed)
     rng.shuffle(words)  # Zipf ranks over a random order, not the merge order
     captions = []
@@ -144,46 +168,56 @@ def main() -> None:
     else:
         texts = make_captions(args.texts, args.non_ascii)
     batches = _batches(texts, args.batch_size)
-    reference = open_clip.get_tokenizer("ViT-B-32")
-    theirs = CLIPTokenizer(
-        vocab=ours.get_vocab(),
-        merges=[
-            tuple(merge)
-            for merge in __import__("json").loads(ours.backend_tokenizer.to_str())["model"]["merges"]
-        ],
-        unk_token="<end_of_text>",
-        bos_token="<start_of_text>",
-        eos_token="<end_of_text>",
-        pad_token="<end_of_text>",
-    )
+    merges = [tuple(merge) for merge in json.loads(ours.backend_tokenizer.to_str())["model"]["merges"]]
 
-    def hf_clip(batch: list[str]) -> torch.Tensor:
-        return ours(batch, padding="max_length", truncation=True, max_length=77, return_tensors="pt")[
-            "input_ids"
-        ]
+    def new_transformers() -> CLIPTokenizer:
+        return CLIPTokenizer(
+            vocab=ours.get_vocab(),
+            merges=merges,
+            unk_token="<end_of_text>",
+            bos_token="<start_of_text>",
+            eos_token="<end_of_text>",
+            pad_token="<end_of_text>",
+        )
 
-    def transformers_clip(batch: list[str]) -> torch.Tensor:
-        out = theirs(batch, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    # A fresh instance has every per-word cache empty (open_clip's dict, the Rust BPE cache, hf_clip's memo).
+    factories: dict[str, Callable[[], Any]] = {
+        "hf_clip": HfClipTokenizer.from_openai_bpe,
+        "open_clip": lambda: open_clip.get_tokenizer("ViT-B-32"),
+        "transformers CLIPTokenizer": new_transformers,
+    }
+
+    def encode(name: str, tokenizer: Any, batch: list[str]) -> torch.Tensor:
+        if name == "open_clip":
+            return tokenizer(batch)
+        out = tokenizer(batch, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+        if name == "hf_clip":
+            return out["input_ids"]
         return out["input_ids"] * out["attention_mask"]  # it pads with <end_of_text>; OpenAI pads with 0
 
-    def openai(batch: list[str]) -> torch.Tensor:
-        return reference(batch)
-
-    runners: dict[str, Callable[[list[str]], torch.Tensor]] = {
-        "hf_clip": hf_clip,
-        "open_clip": openai,
-        "transformers CLIPTokenizer": transformers_clip,
-    }
-    cold: dict[str, float] = {}
+    order = list(factories)
+    # Cold passes: each on a fresh instance, alternating, medians (a single pass is at the mercy of the
+    # machine: on the 2-core VM one cold pass of the same tokenizer took anywhere from 0.4 to 1.1 s).
+    cold_rates: dict[str, list[float]] = {name: [] for name in factories}
     outputs = {}
-    for name, run in runners.items():  # the first, cold pass: every word cache starts empty
-        start = time.perf_counter()
-        outputs[name] = torch.cat([run(batch) for batch in batches])
-        cold[name] = len(texts) / (time.perf_counter() - start)
+    for repeat in range(args.repeats):
+        for name in order[repeat % len(order) :] + order[: repeat % len(order)]:
+            tokenizer = factories[name]()
+            start = time.perf_counter()
+            out = torch.cat([encode(name, tokenizer, batch) for batch in batches])
+            cold_rates[name].append(len(texts) / (time.perf_counter() - start))
+            outputs.setdefault(name, out)
+    cold = {name: statistics.median(values) for name, values in cold_rates.items()}
     differ = {name: int((out != outputs["open_clip"]).any(dim=1).sum()) for name, out in outputs.items()}
 
+    warm = {name: factories[name]() for name in factories}
+    for name, tokenizer in warm.items():
+        for batch in batches:
+            encode(name, tokenizer, batch)
+    runners: dict[str, Callable[[list[str]], torch.Tensor]] = {
+        name: (lambda batch, name=name: encode(name, warm[name], batch)) for name in factories
+    }
     rates: dict[str, list[float]] = {name: [] for name in runners}
-    order = list(runners)
     for repeat in range(args.repeats):
         for name in order[repeat % len(order) :] + order[: repeat % len(order)]:
             start = time.perf_counter()

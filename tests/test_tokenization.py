@@ -385,6 +385,12 @@ def test_tensor_fast_path_matches_general_path(tokenizer):
         assert fast["input_ids"].tolist() == padded, options
         assert fast["attention_mask"].tolist() == masks, options
     assert len(tokenizer.cache) > 100  # the memo was used
+    # A batch mixing memoised words with unseen ones (the warm lookup fails part-way and falls back).
+    mixed = [texts[0] + " zqxjv", "qwzx " + texts[1], texts[2]]
+    fast = tokenizer(mixed, padding="max_length", truncation=True, max_length=77, return_tensors="np")
+    general = tokenizer(mixed, padding="max_length", truncation=True, max_length=77)
+    assert fast["input_ids"].tolist() == general["input_ids"]
+    assert "zqxjv" in tokenizer.cache
     # A user-added token may span words, so such tokenizers always take the Rust path.
     extended = HfClipTokenizer.from_openai_bpe()
     extended.add_tokens(["photo of"])

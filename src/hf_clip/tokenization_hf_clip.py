@@ -431,6 +431,11 @@ class HfClipTokenizer(TokenizersBackend):
     def _word_ids(self, words_per_text: list[list[str]]) -> list[list[int]]:
         """Ids of each text's words, from the memo; unseen words go to the Rust BPE in one batch."""
         cache = self.__dict__.setdefault("cache", {})
+        lookup = cache.__getitem__
+        try:  # Once the memo is warm every word is in it: skip collecting the unseen ones.
+            return [list(chain.from_iterable(map(lookup, words))) for words in words_per_text]
+        except KeyError:
+            pass
         unseen = list({word for words in words_per_text for word in words if word not in cache})
         if unseen:
             if len(cache) + len(unseen) > _CACHE_LIMIT:
@@ -442,7 +447,6 @@ class HfClipTokenizer(TokenizersBackend):
             self._tokenizer.encode_special_tokens = False
             encodings = self._tokenizer.encode_batch_fast(unseen, add_special_tokens=False)
             cache.update(zip(unseen, (encoding.ids for encoding in encodings)))
-        lookup = cache.__getitem__
         return [list(chain.from_iterable(map(lookup, words))) for words in words_per_text]
 
     def _encode_to_tensors(
