@@ -28,32 +28,35 @@ import torch
 import torch.nn.functional as F
 from bench_training import make_step, prime_optimizer
 
-from hf_clip.modeling_hf_clip import HfClipAttention, _attention
+from hf_clip.modeling_hf_clip import HfClipAttention, _attention, _rows_at
 
 
-# Each variant keeps HfClipAttention.forward's contract, `first_only` (the class token's query alone) included.
+# Each variant keeps HfClipAttention.forward's contract, `pooled_at` (one query per row) included.
 def _fused_contiguous(
-    self: HfClipAttention, hidden_states: torch.Tensor, causal_mask: Any = None, first_only: bool = False
+    self: HfClipAttention, hidden_states: torch.Tensor, causal_mask: Any = None, pooled_at: Any = None
 ) -> Any:
     batch, seq, _ = hidden_states.shape
     qkv = self.qkv_proj(hidden_states).view(batch, seq, 3, self.num_heads, self.head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    q, k, v = (t.contiguous() for t in (q[:, :, :1] if first_only else q, k, v))
-    out, _ = _attention(self, q, k, v, causal_mask)
+    if pooled_at is not None:
+        q = _rows_at(q.transpose(1, 2), pooled_at).transpose(1, 2)
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    out, _ = _attention(self, q, k, v, causal_mask, pooled_at)
     return self.out_proj(out.reshape(batch, q.shape[2], self.embed_dim))
 
 
 def _split(
-    self: HfClipAttention, hidden_states: torch.Tensor, causal_mask: Any = None, first_only: bool = False
+    self: HfClipAttention, hidden_states: torch.Tensor, causal_mask: Any = None, pooled_at: Any = None
 ) -> Any:
     batch, seq, _ = hidden_states.shape
     weight, bias = self.qkv_proj._weights(hidden_states)
-    rows = (hidden_states[:, :1] if first_only else hidden_states, hidden_states, hidden_states)
+    queries = hidden_states if pooled_at is None else _rows_at(hidden_states, pooled_at)
+    rows = (queries, hidden_states, hidden_states)
     q, k, v = (
         F.linear(x, w, b).view(batch, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
         for x, w, b in zip(rows, weight.chunk(3), bias.chunk(3), strict=True)
     )
-    out, _ = _attention(self, q, k, v, causal_mask)
+    out, _ = _attention(self, q, k, v, causal_mask, pooled_at)
     return self.out_proj(out.reshape(batch, q.shape[2], self.embed_dim))
 
 

@@ -175,6 +175,42 @@ def test_trimming_after_end_of_text_changes_no_embedding():
     assert text_model(ids).last_hidden_state.shape[1] == 77
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_end_of_text_only_last_block_changes_no_text_embedding(attn):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = HfClipModel(cfg).eval()
+    model.set_attn_implementation(attn)
+    with torch.no_grad():  # random biases, or a wrong row could still give the same output
+        for p in model.text_model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ids = ids_batch()  # end-of-text at positions 4, 11 and 1
+    ids[ids == 0] = 555  # garbage after it: the per-row causal mask must hide it
+    no_eos = torch.randint(1, 1000, (1, 77))  # read at the last position
+    for batch in (ids, no_eos):
+        full = model.text_model(batch)
+        for trim in (False, True):
+            pooled = model.text_model(batch, trim=trim, pooled_only=True)
+            assert pooled.last_hidden_state.shape[1] == 1
+            torch.testing.assert_close(pooled.pooler_output, full.pooler_output, rtol=1e-5, atol=1e-6)
+    # Hidden states asked for: every block runs in full.
+    states = model.text_model(ids, output_hidden_states=True, pooled_only=True)
+    assert states.last_hidden_state.shape[1] == 77
+    # Training (eager is also what bf16 training on CPU runs): the same gradients.
+    model.train()
+    grads = []
+    for fn in (model.get_text_features, lambda x: model.text_projection(model.text_model(x).pooler_output)):
+        model.zero_grad()
+        fn(ids).pow(2).sum().backward()
+        grads.append(
+            {n: p.grad.clone() for n, p in model.text_model.named_parameters() if p.grad is not None}
+        )
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[1].items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
 def test_patch_embedding_is_the_convolution_as_one_gemm():
     import torch.nn.functional as F
 
