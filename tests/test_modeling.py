@@ -211,6 +211,32 @@ def test_end_of_text_only_last_block_changes_no_text_embedding(attn):
         torch.testing.assert_close(grads[0][name], grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
+def test_left_padding_is_undone_with_the_attention_mask():
+    torch.manual_seed(0)
+    model = HfClipModel(tiny_config()).eval()
+    right = ids_batch()[:, :12]  # right-padded with 0, as the tokenizer's padding_side="right" returns
+    right_mask = (torch.arange(12) <= (right == EOS).int().argmax(-1, keepdim=True)).long()
+    lengths = right_mask.sum(-1, keepdim=True)
+    shift = (torch.arange(12) - (12 - lengths)) % 12  # the same rows, padded on the left instead
+    left, left_mask = right.gather(1, shift), right_mask.gather(1, shift)
+    assert left[2, :10].eq(0).all() and left_mask[2].tolist() == [0] * 10 + [1, 1]
+    expected = model.get_text_features(right)
+    torch.testing.assert_close(model.get_text_features(left, attention_mask=left_mask), expected)
+    torch.testing.assert_close(model.get_text_features(right, attention_mask=right_mask), expected)
+    assert not torch.allclose(model.get_text_features(left), expected, atol=1e-3)  # the mask is needed
+    px = pixels(model.config)
+    logits = model(input_ids=right, pixel_values=px).logits_per_image
+    torch.testing.assert_close(
+        model(input_ids=left, pixel_values=px, attention_mask=left_mask).logits_per_image, logits
+    )
+    text_model = HfClipTextModel(model.config.text_config).eval()
+    torch.testing.assert_close(
+        text_model(left, attention_mask=left_mask).pooler_output, text_model(right).pooler_output
+    )
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model.get_text_features(right, attention_mask=right_mask[:, :5])
+
+
 def test_patch_embedding_is_the_convolution_as_one_gemm():
     import torch.nn.functional as F
 

@@ -505,6 +505,24 @@ class HfClipTextTransformer(HfClipPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states)
 
 
+def _right_aligned(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Rows padded on the left (a tokenizer with `padding_side="left"`) moved to start at position 0.
+
+    The tower numbers positions from 0 and pools at the end-of-text token, so padding belongs after the text;
+    left-padded ids would shift every position embedding. Each row is rotated by its count of leading
+    masked positions: device ops only, no host sync. Right-padded rows are unchanged."""
+    if attention_mask is None:
+        return input_ids
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids {tuple(input_ids.shape)}; "
+            "pass the mask the tokenizer returned with these ids."
+        )
+    seq = input_ids.shape[-1]
+    lead = (attention_mask.cumsum(-1) == 0).sum(-1, keepdim=True)
+    return input_ids.gather(-1, (torch.arange(seq, device=input_ids.device) + lead) % seq)
+
+
 def _eos_index(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """Each row's first end-of-text position (the last position where a row has none)."""
     is_eos = input_ids == eos_token_id
@@ -838,9 +856,10 @@ class HfClipTextModel(HfClipPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPooling | tuple[Any, ...]:
-        """`attention_mask` is accepted for API compatibility: the tower is causal and pools at the end-of-text
-        token, so right padding never changes the result."""
+        """`attention_mask` only serves to undo left padding: the tower is causal and pools at the end-of-text
+        token, so padding after it never changes the result (see `_right_aligned`)."""
         hidden, as_dict = self._call_options(output_hidden_states, return_dict, kwargs)
+        input_ids = _right_aligned(input_ids, attention_mask)
         out = self._project(self.text_model(input_ids, output_hidden_states=hidden))
         return out if as_dict else out.to_tuple()
 
@@ -933,7 +952,9 @@ class HfClipModel(HfClipPreTrainedModel):
     ) -> torch.Tensor:
         """Projected, unnormalised text embeddings [batch, projection_dim]. Captions are trimmed after the
         batch's last end-of-text token, and the last block runs for those tokens alone (`pooled_only`): no
-        embedding changes, texts/s 1.05-1.07x at batch 32 (CPU, fp32)."""
+        embedding changes, texts/s 1.05-1.07x at batch 32 (CPU, fp32). `attention_mask` only serves to undo
+        left padding."""
+        input_ids = _right_aligned(input_ids, attention_mask)
         return self.text_projection(self.text_model(input_ids, trim=True, pooled_only=True).pooler_output)
 
     def get_image_features(
@@ -961,13 +982,15 @@ class HfClipModel(HfClipPreTrainedModel):
         then stops at that token, and `vision_model_output.last_hidden_state` is None for a ViT (rather than
         a tensor without patch tokens); `output_hidden_states=True` runs and returns every position and token.
         (The text tower's last block is not cut down here as in `get_text_features`: a training step gained
-        nothing measurable, 0.99-1.00x, and its hidden states stay available.)"""
+        nothing measurable, 0.99-1.00x, and its hidden states stay available.) `attention_mask` only serves
+        to undo left padding."""
         output_hidden_states, as_dict = self._call_options(output_hidden_states, return_dict, kwargs)
         if input_ids is None or pixel_values is None:
             raise ValueError(
                 "HfClipModel.forward needs both input_ids and pixel_values; use get_text_features or "
                 "get_image_features for one modality."
             )
+        input_ids = _right_aligned(input_ids, attention_mask)
         trim: bool | TrimLength = not output_hidden_states
         if trim and _can_trim(input_ids) and input_ids.numel():
             # Queued before the image tower, read after it: see TrimLength.
