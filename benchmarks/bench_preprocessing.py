@@ -102,13 +102,19 @@ def main() -> None:
     fast = ours(inputs, return_tensors="pt", fast_path=True)["pixel_values"]
     print(f"exact vs open_clip max |diff| = {float((exact - reference).abs().max()):.6g}")
     print(f"fast  vs open_clip max |diff| = {float((fast - reference).abs().max()):.6g}")
+    for name, processor in (("CLIPImageProcessor", hf_torchvision), ("CLIPImageProcessorPil", hf_pil)):
+        theirs = processor(loaded(), return_tensors="pt")["pixel_values"]
+        print(f"transformers {name} vs open_clip max |diff| = {float((theirs - reference).abs().max()):.6g}")
 
     for method in methods.values():  # warm-up
         method()
     seconds: dict[str, list[float]] = {name: [] for name in methods}
     cpu_seconds: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(args.reps):
-        for name, method in methods.items():  # alternate so drifting machine load hits every method
+    order = list(methods)
+    for rep in range(args.reps):
+        # Alternate so drifting machine load hits every method, and rotate who goes first.
+        for name in order[rep % len(order) :] + order[: rep % len(order)]:
+            method = methods[name]
             start, cpu_start = time.perf_counter(), time.process_time()
             method()
             seconds[name].append(time.perf_counter() - start)
