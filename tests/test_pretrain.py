@@ -382,3 +382,14 @@ def test_patch_dropout_on_a_resnet_is_refused():
 
     with pytest.raises(ValueError, match="--patch_dropout drops ViT patch tokens"):
         _build_config(PretrainArguments(model="tiny", patch_dropout=0.5), 100, 99, 98)
+
+
+def test_every_pretrain_option_has_help_with_its_default():
+    import dataclasses
+
+    from transformers import HfArgumentParser
+
+    text = HfArgumentParser(PretrainArguments).format_help()  # raises on a stray "%" in a help string
+    for option in dataclasses.fields(PretrainArguments):
+        assert option.metadata.get("help"), f"--{option.name} has no help"
+    assert "(default: outputs/pretrain)" in text and "(default: 0.2)" in text

@@ -68,10 +68,10 @@ class PretrainArguments:
     data_files: str | None = field(
         default=None, metadata={"help": "Glob or path of data files (csv, tar shards...)."}
     )
-    train_split: str = "train"
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_split: str | None = field(default=None, metadata={"help": "Held-out split for periodic evaluation."})
-    image_column: str = "image"
-    caption_column: str = "caption"
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    caption_column: str = field(default="caption", metadata={"help": "Column holding the captions."})
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset (split across processes)."})
     shuffle_buffer: int = field(
         default=10_000,
@@ -84,32 +84,52 @@ class PretrainArguments:
         default=None, metadata={"help": "Tokenizer dir; default: train BPE on the captions."}
     )
     vocab_size: int = field(default=1024, metadata={"help": "Vocabulary size when training a tokenizer."})
-    output_dir: str = "outputs/pretrain"
+    output_dir: str = field(
+        default="outputs/pretrain", metadata={"help": "Where the model, tokenizer, checkpoints and logs go."}
+    )
     max_steps: int | None = field(
         default=None,
         metadata={"help": "Optimizer steps; default: 600 on the built-in data, else --num_train_epochs."},
     )
-    num_train_epochs: float = 2.0
-    per_device_train_batch_size: int = 128
+    num_train_epochs: float = field(
+        default=2.0, metadata={"help": "Passes over the data when --max_steps is not set."}
+    )
+    per_device_train_batch_size: int = field(
+        default=128,
+        metadata={"help": "Samples per process and micro-batch; the loss sees all processes' samples."},
+    )
     gradient_accumulation_steps: int = field(
         default=1,
         metadata={"help": "Micro-batches per step; all accumulated samples stay negatives (GradCache)."},
     )
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.2
-    warmup_steps: int = 50
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "Peak AdamW learning rate (cosine schedule)."}
+    )
+    weight_decay: float = field(
+        default=0.2,
+        metadata={"help": "AdamW weight decay (not on gains, biases, embeddings or the logit scale)."},
+    )
+    warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps before the cosine decay."})
     max_grad_norm: float | None = field(
         default=None,
         metadata={
             "help": "Clip the gradient norm (under DeepSpeed too, replacing its config's gradient_clipping)."
         },
     )
-    image_size: int | None = None
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Image resolution of a new model; default: the preset's, 64 for 'tiny' / the built-in data."
+        },
+    )
     crop_scale: float = field(
         default=0.9, metadata={"help": "Smallest area fraction of the random square crop."}
     )
     loss: str = field(default="clip", metadata={"help": "'clip' (softmax) or 'siglip' (sigmoid)."})
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in backward: less memory, about 30%% more time."},
+    )
     torch_compile: bool = field(
         default=False,
         metadata={"help": "Compile the model with torch.compile (inductor); the first steps then compile."},
@@ -118,15 +138,21 @@ class PretrainArguments:
         default=0.0,
         metadata={"help": "ViT only: fraction of patch tokens dropped per image while training (FLIP)."},
     )
-    checkpointing_steps: int | None = None
+    checkpointing_steps: int | None = field(
+        default=None, metadata={"help": "Save a resumable checkpoint every N steps (atomic); default: none."}
+    )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint dir or 'latest'."}
     )
-    eval_steps: int | None = None
-    logging_steps: int = 25
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Zero-shot evaluation every N steps; default: at the end only."}
+    )
+    logging_steps: int = field(default=25, metadata={"help": "Log loss, lr and data wait every N steps."})
     report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker, or 'none'."})
-    num_workers: int = 2
-    seed: int = 0
+    num_workers: int = field(
+        default=2, metadata={"help": "DataLoader worker processes per training process."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the weights, data order and augmentation."})
     train_samples: int = field(
         default=10_000, metadata={"help": "Size of the built-in synthetic training set."}
     )
