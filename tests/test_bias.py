@@ -223,6 +223,10 @@ def test_identity_subsets_are_seeded_and_bounded():
     assert set(first) == {5, 12}  # 13 names cannot be drawn from 12
     assert first == identity_subsets(names, [5, 12, 13], seed=3)
     assert len(set(first[5])) == 5 and set(first[12]) == set(names)
+    # None of the sizes fits (the defaults are 100 and 1,000): all the names, rather than no table.
+    assert identity_subsets(names, [100, 1000]) == {12: sorted(set(names))}
+    with pytest.raises(ValueError, match="at least 2 different names"):
+        identity_subsets(["only one"] * 3, [100])
 
 
 # --- config --------------------------------------------------------------------------------------------------

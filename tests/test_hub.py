@@ -330,3 +330,32 @@ def test_card_written_for_a_paper_model(tmp_path):
     (tmp_path / "README.md").write_text("my own card")
     hub._ensure_card(tmp_path, results=())
     assert (tmp_path / "README.md").read_text(encoding="utf-8") == "my own card"  # never overwritten silently
+
+
+@pytest.mark.parametrize("failure", ["connection", "login"])
+def test_push_failure_is_one_line_naming_the_checks(published, tmp_path, monkeypatch, capsys, failure):
+    try:  # huggingface_hub's HTTP client: httpx2 from its 2.0 on, httpx before
+        import httpx2 as http
+    except ImportError:
+        http = pytest.importorskip("httpx")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    from hf_clip.cli import main
+
+    def create_repo(self, repo_id, **kwargs):
+        if failure == "connection":
+            raise http.ConnectError("[Errno 111] Connection refused")
+        raise LocalTokenNotFoundError("Token is required (`token=True`), but no token found.")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    folder = shutil.copytree(published["prepared"], tmp_path / "model")
+    assert main(["push", str(folder), "someone/tiny-clip"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hf-clip push: error: uploading"), err
+    assert ("Connection refused" if failure == "connection" else "no token found") in err[0]
+    assert "hf auth login" in err[0]
+    # Other failures are not disguised as upload problems.
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["push", str(folder), "someone/tiny-clip"])

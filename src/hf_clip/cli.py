@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from .hub import HubUploadError
+
 
 def build_parser() -> argparse.ArgumentParser:
     from .cards import add_card_parser
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Bad input (a missing column, an unknown split, a wrong path, a checkpoint that does not convert): the
 # messages name the problem and the fix, so a command-line user gets them in one line.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, HubUploadError)
 
 
 def report_error(command: str, error: Exception) -> int:

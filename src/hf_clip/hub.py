@@ -257,18 +257,42 @@ def add_push_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def run_push(args: argparse.Namespace) -> Any:
-    info = push_folder(
-        args.model_dir,
-        args.repo_id,
-        token=args.token,
-        private=args.private,
-        revision=args.revision,
-        create_pr=args.create_pr,
-        commit_message=args.commit_message,
-        results=args.results,
-        write_card=not args.no_card,
+class HubUploadError(RuntimeError):
+    """The Hub could not be reached or refused the upload (network, login, permissions)."""
+
+
+def _is_hub_failure(error: Exception) -> bool:
+    # huggingface_hub's HTTP errors and a missing login are OSErrors; its HTTP client's connection errors
+    # (httpx) are not.
+    if isinstance(error, (FileNotFoundError, FileExistsError)):
+        return False  # the local folder: already a clear message
+    return isinstance(error, OSError) or type(error).__module__.split(".")[0] in (
+        "httpx",
+        "httpx2",
+        "requests",
     )
+
+
+def run_push(args: argparse.Namespace) -> Any:
+    try:
+        info = push_folder(
+            args.model_dir,
+            args.repo_id,
+            token=args.token,
+            private=args.private,
+            revision=args.revision,
+            create_pr=args.create_pr,
+            commit_message=args.commit_message,
+            results=args.results,
+            write_card=not args.no_card,
+        )
+    except Exception as error:
+        if not _is_hub_failure(error):
+            raise
+        raise HubUploadError(
+            f"uploading {args.model_dir} to {args.repo_id} failed ({type(error).__name__}: {error}). Check the "
+            "network connection, the login (`hf auth login` or --token) and write access to the repository."
+        ) from error
     print(f"Uploaded {args.model_dir} to {getattr(info, 'commit_url', None) or args.repo_id}")
     return info
 
@@ -276,6 +300,7 @@ def run_push(args: argparse.Namespace) -> Any:
 __all__ = [
     "AUTO_MAP",
     "CODE_FILES",
+    "HubUploadError",
     "add_push_parser",
     "check_model_folder",
     "code_files",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -34,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 PROBES = ("demographic", "denigration", "child", "identity")
 DEFAULT_PROBES = ("demographic", "denigration", "child")
@@ -324,10 +327,25 @@ def child_ablation_tables(
 
 
 def identity_subsets(identities: Sequence[str], sizes: Sequence[int], seed: int = 0) -> dict[int, list[str]]:
-    """A seeded random subset of `size` names for each requested size that the dataset can supply."""
+    """A seeded random subset of `size` names for each requested size that the dataset can supply; when it
+    can supply none of them (the defaults are 100 and 1,000), all of its names, so the probe still reports."""
     names = sorted(set(identities))
+    if len(names) < 2:
+        raise ValueError(
+            f"The identity probe needs at least 2 different names in the identity column, found {len(names)}; "
+            "check --identity-column, or leave 'identity' out of --probes."
+        )
+    fitting = [size for size in sizes if size <= len(names)]
+    if not fitting:
+        fitting = [len(names)]
+        logger.warning(
+            "Identity probe: the dataset has %d names, fewer than any of identity_sizes=%s; using all %d.",
+            len(names),
+            list(sizes),
+            len(names),
+        )
     rng = random.Random(seed)
-    return {size: sorted(rng.sample(names, size)) for size in sizes if size <= len(names)}
+    return {size: sorted(rng.sample(names, size)) for size in fitting}
 
 
 # ----------------------------------------------------------------------------------------------------------
