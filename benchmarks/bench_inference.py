@@ -175,18 +175,27 @@ def bench_model(
             pixels, ids = common.make_inputs(batch, model_set.image_size, vocab, device)
             if args.channels_last and model_set.tower == "resnet":
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
-            # FLOPs each implementation performs: hf_clip trims captions after their end-of-text token.
+            # FLOPs each implementation performs: hf_clip trims captions after their end-of-text token and
+            # runs the last blocks for the pooled tokens alone; the references run every block in full, on 77
+            # caption positions (open_clip) or up to the longest caption (transformers).
             positions = common.text_positions_run(ids, model_set.config.text_config.eos_token_id)
             meta_pixels, meta_ids = pixels.to("meta"), ids.to("meta")
             precision = "bf16" if dtype == "bf16w" else dtype
             with torch.no_grad():
-                image_flops = common.count_flops(lambda p=meta_pixels: meta.get_image_features(p))
                 flops = {
                     impl: {
-                        "image": image_flops,
+                        "image": common.count_flops(
+                            lambda p=meta_pixels, full=impl != "hf_clip": (
+                                meta.visual_projection(meta.vision_model(p).pooler_output)
+                                if full
+                                else meta.get_image_features(p)
+                            )
+                        ),
                         "text": common.count_flops(
-                            lambda i=meta_ids[:, : None if impl == "open_clip" else positions]: (
-                                meta.get_text_features(i)
+                            lambda i=meta_ids[:, : None if impl == "open_clip" else positions], full=impl != "hf_clip": (
+                                meta.text_projection(meta.text_model(i).pooler_output)
+                                if full
+                                else meta.get_text_features(i)
                             )
                         ),
                     }

@@ -130,9 +130,10 @@ def make_step(
     return step, optimizer
 
 
-def step_flops(config: Any, batch: int, positions: int | None = None) -> int:
+def step_flops(config: Any, batch: int, positions: int | None = None, full: bool = False) -> int:
     """FLOPs of forward + loss + backward of the architecture with `positions` caption positions run
-    (counted on hf_clip, weightless)."""
+    (counted on hf_clip, weightless). `full`: every block for every token, as the references run (hf_clip
+    runs a ViT's last block for the class token alone)."""
     from hf_clip.training import ClipLoss
 
     model = common.meta_hf_clip(config).train()
@@ -144,7 +145,7 @@ def step_flops(config: Any, batch: int, positions: int | None = None) -> int:
     )
 
     def run() -> None:
-        out = model(input_ids=ids, pixel_values=pixels)
+        out = model(input_ids=ids, pixel_values=pixels, output_hidden_states=full)
         ClipLoss()(out.image_embeds, out.text_embeds, out.logit_scale).backward()
 
     return common.count_flops(run)
@@ -216,7 +217,10 @@ def bench_model(
     positions = (
         None if args.compile == "graph" else common.text_positions_run(ids, config.text_config.eos_token_id)
     )
-    flops = {impl: step_flops(config, batch, None if impl == "open_clip" else positions) for impl in impls}
+    flops = {
+        impl: step_flops(config, batch, None if impl == "open_clip" else positions, full=impl != "hf_clip")
+        for impl in impls
+    }
     rows = []
     for dtype in args.dtypes:
         if "transformers" in model_set.models:
