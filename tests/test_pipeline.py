@@ -261,3 +261,48 @@ def test_embedding_index_with_real_processor(parts, images, tmp_path):
     index.save(tmp_path / "index")
     reloaded = EmbeddingIndex.load(tmp_path / "index", model=model, processor=processor)
     assert reloaded.search_images("a photo of a cat", k=2).ids == found.ids
+
+
+def _awkward_images(tmp_path):
+    """Images whose pixels depend on how they are read: transparency, a palette, 16 bits, EXIF rotation."""
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (40, 48, 4), dtype=np.uint8)
+    rgba[:, :24, 3] = 0  # left half fully transparent: black for OpenAI's preprocessing, not its colours
+    palette = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).convert("P")
+    deep = tmp_path / "deep.png"
+    Image.fromarray(rng.integers(0, 65536, (40, 48), dtype=np.uint16)).save(deep)
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(rotated, exif=exif)
+    return {
+        "rgba": Image.fromarray(rgba),
+        "palette": palette,
+        "16-bit path": str(deep),
+        "exif path": str(rotated),
+        "array": rng.integers(0, 256, (40, 48, 3), dtype=np.uint8),
+    }
+
+
+def test_pipeline_reads_images_as_processor_and_model_do(hf_pipe, parts, tmp_path):
+    """The pipeline hands images to hf_clip's image processor as they are (no RGB conversion, no EXIF
+    rotation), so its scores are those of processor + model, OpenAI's preprocessing."""
+    from transformers.image_utils import load_image
+
+    model, processor = parts
+    classifier = ZeroShotClassifier.from_model(model, processor, LABELS, ["a photo of a {}."], progress=False)
+    for name, image in _awkward_images(tmp_path).items():
+        expected = _as_dict(classifier.classify(image, processor)[0])
+        result = _as_dict(hf_pipe(image, candidate_labels=LABELS, hypothesis_template="a photo of a {}."))
+        assert result == pytest.approx(expected, abs=1e-6), name
+        if name != "array":  # transformers' loader (RGB, EXIF) gives other scores: the test can tell
+            loaded = _as_dict(classifier.classify(load_image(image), processor)[0])
+            assert max(abs(loaded[k] - expected[k]) for k in LABELS) > 1e-4, name
+    # A 4-D tensor batch classifies like a list of its images.
+    batch = torch.rand(2, 3, 40, 48)
+    assert classifier.classify(batch, processor) == classifier.classify(list(batch), processor)
+
+
+def test_unreachable_url_error_names_it(hf_pipe):
+    with pytest.raises(ValueError, match="http://127.0.0.1:9/cat.jpg"):
+        hf_pipe("http://127.0.0.1:9/cat.jpg", candidate_labels=LABELS)

@@ -203,12 +203,13 @@ class ZeroShotClassifier:
         return self.scale * l2_normalize(image_embeds.float()) @ weights.t()
 
     def classify(self, images: Any, processor: Any, top_k: int | None = None) -> list[list[dict[str, Any]]]:
-        """Softmax scores for raw images (PIL images or arrays), best first: one list of {label, score} per image."""
+        """Softmax scores for raw images (PIL images, paths, arrays or tensors, one or a batch), best first: one
+        list of {label, score} per image."""
         image_processor = getattr(processor, "image_processor", processor)
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be at least 1 (or None for every class), got {top_k}.")
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            images = list(images)  # a stacked batch of [H, W, C] (or [C, H, W]) arrays
+        if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
+            images = list(images)  # a stacked batch of [H, W, C] (or [C, H, W]) arrays or tensors
         elif not isinstance(images, list | tuple):
             images = [images]
         pixel_values = image_processor(images=list(images), return_tensors="pt")["pixel_values"]

@@ -6,6 +6,11 @@ ones, and so encodes the prompts once however many images follow. `hypothesis_te
 a list of templates (ensembled as in the paper), or a shipped template-set name such as "imagenet";
 `candidate_labels` may be a shipped dataset name such as "cifar10".
 
+Images reach hf_clip's image processor as given (PIL images, file paths, arrays), so the scores are those of
+processor + model, with OpenAI's preprocessing; only URLs and base64 strings go through transformers'
+`load_image`, which converts to RGB and applies EXIF rotation first (as transformers' own pipeline does for
+every image).
+
     from transformers import pipeline
     import hf_clip  # registers the task
 
@@ -13,6 +18,7 @@ a list of templates (ensembled as in the paper), or a shipped template-set name 
     classify(images, candidate_labels=["cat", "dog"], hypothesis_template="imagenet")
 """
 
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +32,8 @@ from ._encode import check_model
 from .classifier import ClassName, ZeroShotClassifier, resolve_classnames, resolve_templates
 
 ZERO_SHOT_TASK = "hf-clip-zero-shot-image-classification"
+# Prompt encodings from which building a classifier shows a progress bar (ImageNet's ensemble has 80,000).
+_PROGRESS_PROMPTS = 1_000
 
 # (classes as tuples of synonyms, templates): the identity of a classifier.
 ClassifierKey = tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]
@@ -115,7 +123,7 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
             [list(c) for c in classes],
             list(templates),
             batch_size=self.prompt_batch_size,
-            progress=False,
+            progress=len(classes) * len(templates) >= _PROGRESS_PROMPTS,
         )
         self._classifiers[key] = classifier
         while len(self._classifiers) > self.cache_size:
@@ -138,7 +146,7 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
         if candidate_labels is None:
             raise ValueError("candidate_labels is missing.")
         key = self.classifier_key(candidate_labels, hypothesis_template)
-        image = load_image(image, timeout=timeout)
+        image = _fetch_if_remote(image, timeout)
         pixel_values = self.image_processor(images=[image], return_tensors="pt")["pixel_values"].to(
             self.dtype
         )
@@ -161,6 +169,23 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
         k = len(labels) if top_k is None else min(top_k, len(labels))
         scores, indices = probs.topk(k)
         return [{"score": s, "label": labels[i]} for s, i in zip(scores.tolist(), indices.tolist())]
+
+
+def _fetch_if_remote(image: Any, timeout: float | None) -> Any:
+    """A URL or base64 string fetched and decoded by transformers' `load_image`; anything else (PIL images,
+    file paths, arrays, tensors) goes to the image processor as it is. `load_image` converts to RGB and
+    applies EXIF rotation, which would make the pipeline disagree with processor + model (and with OpenAI's
+    preprocessing) on transparent, palette, 16-bit and rotated images."""
+    if not isinstance(image, str) or os.path.exists(image):
+        return image
+    try:
+        return load_image(image, timeout=timeout)
+    except Exception as error:
+        shown = image if len(image) <= 100 else image[:60] + "..."
+        raise ValueError(
+            f"Could not load the image {shown!r} ({type(error).__name__}: {error}); pass a PIL image, an "
+            "existing file path, an array, or a reachable URL."
+        ) from error
 
 
 def register_pipelines() -> None:
