@@ -232,7 +232,7 @@ def test_prompts_are_encoded_once_in_batches(fake):
 def test_placeholder_spellings_and_template_sets(fake):
     model, tokenizer = fake
     base = ZeroShotClassifier.from_model(model, tokenizer, ["cat", "dog"], "a photo of a {}.", progress=False)
-    for template in ["a photo of a {label}.", "a photo of a {c}.", ["a photo of a {}."]]:
+    for template in ["a photo of a {label}.", "a photo of a {c}.", "a photo of a {0}.", ["a photo of a {}."]]:
         other = ZeroShotClassifier.from_model(model, tokenizer, ["cat", "dog"], template, progress=False)
         torch.testing.assert_close(other.weights, base.weights)
     assert fill_template("a {} with {braces}", "x") == "a x with {braces}"

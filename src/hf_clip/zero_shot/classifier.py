@@ -23,7 +23,7 @@ ClassName = str | Sequence[str]
 
 WEIGHTS_NAME = "zero_shot_classifier.safetensors"
 CONFIG_NAME = "zero_shot_classifier.json"
-_PLACEHOLDERS = ("{}", "{label}", "{c}")
+_PLACEHOLDERS = ("{}", "{label}", "{c}", "{0}")  # {0}: str.format style, as transformers accepts
 
 
 def fill_template(template: str, name: str) -> str:
