@@ -664,3 +664,46 @@ def test_call_conventions_of_transformers():
             model(input_ids=ids, pixel_values=px, output_attentions=True)
         with pytest.raises(ValueError, match="position_ids is not supported"):
             model(input_ids=ids, pixel_values=px, position_ids=torch.arange(77))
+
+
+def test_initialisation_follows_the_released_code_and_fills_missing_weights(tmp_path):
+    """Fresh models get `_init_weights`' scheme (transformers skips parameter-less parent modules of code
+    outside its package unless told otherwise), and weights a checkpoint lacks are initialised, not left as
+    uninitialised memory."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = HfClipModel(cfg)
+    text_layer = model.text_model.encoder.layers[0]
+    width, layers = cfg.text_config.hidden_size, cfg.text_config.num_hidden_layers
+    assert text_layer.self_attn.qkv_proj.weight.std().item() == pytest.approx(width**-0.5, rel=0.1)
+    out_std = width**-0.5 * (2 * layers) ** -0.5
+    assert text_layer.self_attn.out_proj.weight.std().item() == pytest.approx(out_std, rel=0.1)
+    assert text_layer.mlp.fc1.weight.std().item() == pytest.approx((2 * width) ** -0.5, rel=0.1)
+    for bias in (text_layer.self_attn.qkv_proj.bias, text_layer.mlp.fc1.bias):
+        assert bias.abs().max().item() == 0
+    scale = cfg.vision_config.hidden_size**-0.5
+    embeddings = model.vision_model.embeddings
+    assert embeddings.class_embedding.std().item() == pytest.approx(scale, rel=0.3)
+    assert embeddings.position_embedding.weight.std().item() == pytest.approx(scale, rel=0.2)
+    resnet = HfClipModel(tiny_config("resnet"))
+    bottleneck = next(m for m in resnet.modules() if type(m).__name__ == "HfClipBottleneck")
+    assert bottleneck.bn3.weight.abs().max().item() == 0  # each residual block starts as the identity
+
+    model.save_pretrained(tmp_path)
+    saved = dict(model.state_dict())
+    # A new projection size and an extra vision layer: those weights are initialised, the rest loaded.
+    grown = HfClipModel.from_pretrained(tmp_path, projection_dim=48, ignore_mismatched_sizes=True)
+    assert grown.text_projection.weight.shape == (48, width)
+    assert grown.text_projection.weight.std().item() == pytest.approx(width**-0.5, rel=0.2)
+    torch.testing.assert_close(
+        grown.text_model.encoder.layers[0].mlp.fc1.weight, saved["text_model.encoder.layers.0.mlp.fc1.weight"]
+    )
+    deeper_config = HfClipConfig.from_pretrained(tmp_path)
+    deeper_config.vision_config.num_hidden_layers = 3
+    deeper = HfClipModel.from_pretrained(tmp_path, config=deeper_config)
+    new_layer = deeper.vision_model.encoder.layers[2]
+    assert new_layer.self_attn.qkv_proj.weight.abs().max().item() < 1
+    assert new_layer.self_attn.qkv_proj.bias.abs().max().item() == 0
+    assert new_layer.layer_norm1.weight.eq(1).all()
+    features = deeper.get_image_features(pixels(cfg))
+    assert torch.isfinite(features).all()

@@ -190,8 +190,9 @@ def test_malicious_globals_are_refused(tmp_path, monkeypatch, payload):
     assert is_torchscript_archive(path)
     with pytest.raises(UnsafeCheckpointError, match="Refusing to load the global"):
         read_torchscript_state_dict(path)
-    with pytest.raises(UnsafeCheckpointError):
+    with pytest.raises(ValueError, match="not loaded for safety") as refused:  # one line on the CLI
         load_state_dict_file(path)
+    assert isinstance(refused.value.__cause__, UnsafeCheckpointError)
     assert calls == []
 
 
@@ -240,3 +241,19 @@ def test_pickled_objects_are_refused_in_plain_checkpoints(tmp_path):
     path.write_bytes(buffer.getvalue())
     with pytest.raises(ValueError, match="not loaded for safety"):
         load_state_dict_file(path)
+
+
+def test_truncated_or_empty_files_are_a_clear_error(tmp_path):
+    reference = {k: v.contiguous() for k, v in _tiny_clip("vit").state_dict().items()}
+    good_tensors, good_pickle = tmp_path / "good.safetensors", tmp_path / "good.pt"
+    save_file(reference, good_tensors)
+    torch.save(reference, good_pickle)
+    for good in (good_tensors, good_pickle):
+        data = good.read_bytes()
+        broken = tmp_path / f"truncated{good.suffix}"
+        broken.write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match="truncated or corrupt"):
+            load_state_dict_file(broken)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_state_dict_file(tmp_path / "empty.pt")

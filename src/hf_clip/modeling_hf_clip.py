@@ -356,6 +356,15 @@ class HfClipPreTrainedModel(PreTrainedModel):
         hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return bool(hidden), (self.config.return_dict if return_dict is None else return_dict) is not False
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # `_init_weights` initialises layers from the module that knows their role (an attention block sets
+        # its projections' scale), and those parents hold no parameters of their own. transformers skips, for
+        # code outside its package, every module whose own parameters are all loaded, which such a parent
+        # trivially passes: fresh models then kept PyTorch's default initialisation, and weights missing from
+        # a checkpoint (a new projection size, an added layer) stayed uninitialised memory, often NaN. The
+        # `transformers.initialization` functions used below already leave loaded tensors alone.
+        super()._initialize_weights(module, is_custom_code=False)
+
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise as the released code does: scaled normals in the text tower, zero-gamma ResNet blocks."""
         factor = self.config.initializer_factor

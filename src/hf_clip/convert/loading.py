@@ -57,15 +57,25 @@ def load_state_dict_file(path: str | PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path}.")
-    if _is_safetensors(path):
-        return _without_wrapper_prefixes(load_file(str(path), device="cpu"))
-    if is_torchscript_archive(path):
-        return read_torchscript_state_dict(path)
     try:
+        if _is_safetensors(path):
+            return _without_wrapper_prefixes(load_file(str(path), device="cpu"))
+        if is_torchscript_archive(path):
+            return read_torchscript_state_dict(path)
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError as error:  # torch's weights-only refusal, or the TorchScript reader's
+        reason = str(error).split("\n")[0]  # torch goes on to suggest weights_only=False: not offered here
         raise ValueError(
-            f"{path} holds objects other than tensors, which are not loaded for safety ({error}). "
+            f"{path} holds objects other than tensors, which are not loaded for safety ({reason}). "
             "Re-save its state dict with torch.save(model.state_dict(), ...) or as .safetensors."
+        ) from error
+    except (ValueError, FileNotFoundError):
+        raise
+    except (
+        Exception
+    ) as error:  # truncated or corrupt: safetensors, zip and pickle readers each have their own
+        raise ValueError(
+            f"{path} could not be read as a checkpoint ({type(error).__name__}: {error}); the file may be "
+            "truncated or corrupt (an interrupted download?)."
         ) from error
     return _unwrap(obj, path)
