@@ -557,3 +557,13 @@ def test_missing_bpe_vocabulary_is_reported_before_any_weights_are_written(tmp_p
     with pytest.raises(FileNotFoundError, match="--bpe-vocab"):
         convert_checkpoint(tmp_path / "b32.pt", tmp_path / "out")
     assert not built and not (tmp_path / "out").exists()
+
+
+def test_legacy_end_of_text_with_added_tokens():
+    """Legacy transformers configs (eos_token_id=2) pool at each caption's highest id: OpenAI's end-of-text
+    token 49407, also when tokens were added after it (vocab 49410), not the last added token."""
+    from hf_clip.convert.transformers import config_from_transformers
+
+    for vocab, expected in ((49408, 49407), (49410, 49407), (VOCAB, VOCAB - 1)):
+        config = CLIPConfig(text_config={"vocab_size": vocab, "eos_token_id": 2})
+        assert config_from_transformers(config).text_config.eos_token_id == expected, vocab

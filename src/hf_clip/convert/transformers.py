@@ -22,6 +22,7 @@ TRANSFORMERS_EXTRA_KEYS = ("text_model.embeddings.position_ids", "vision_model.e
 
 # transformers' legacy CLIP configs set eos_token_id=2 and pool at the highest token id instead.
 _LEGACY_EOS = 2
+_OPENAI_EOS = 49407  # "<|endoftext|>", the last entry of OpenAI's vocabulary before any added tokens
 
 # Tower settings both libraries spell the same way and copy unchanged, in either direction.
 _TEXT_FIELDS = (
@@ -103,8 +104,10 @@ def config_from_transformers(config: CLIPConfig) -> HfClipConfig:
     """Translate a transformers `CLIPConfig`; sizes, heads and activation are taken as they are."""
     text, vision = config.text_config, config.vision_config
     eos = text.eos_token_id
-    if eos is None or eos == _LEGACY_EOS:  # legacy configs: the end-of-text token is the highest id
-        eos = text.vocab_size - 1
+    if eos is None or eos == _LEGACY_EOS:
+        # Legacy configs pool at each caption's highest id: the end-of-text token, 49407 in OpenAI's
+        # vocabulary, also when tokens were added after it (which such a model would pool at instead).
+        eos = _OPENAI_EOS if text.vocab_size > _OPENAI_EOS else text.vocab_size - 1
     bos = text.bos_token_id if text.bos_token_id is not None and text.bos_token_id < text.vocab_size else None
     return HfClipConfig(
         text_config={**_fields(text, _TEXT_FIELDS), "bos_token_id": bos, "eos_token_id": eos},
