@@ -518,17 +518,27 @@ def test_head_counts_from_a_given_config(tmp_path):
     _assert_parity(reference, model, vision["image_size"])
 
 
-@pytest.mark.parametrize("name", ["ViT-H-14", "ViT-bigG-14", "ViT-B-32"])
-def test_preset_sizes_take_the_presets_heads_and_activation(name):
-    """LAION's ViT-H/g/bigG heads are 80-104 wide, not CLIP's 64: with a preset's sizes, its heads are used
-    (and its activation, unless one is given). Shapes only: the models are built on the meta device."""
+@pytest.mark.parametrize(
+    "name, preset_name",
+    [
+        ("ViT-H-14", "ViT-H-14"),
+        ("ViT-bigG-14", "ViT-bigG-14"),
+        ("ViT-B-32", "ViT-B-32"),
+        ("ViT-H-14-378", "ViT-H-14"),  # another image size: the same heads
+        ("ViT-H-16", "ViT-H-14"),  # another patch size: the same heads
+    ],
+)
+def test_preset_sizes_take_the_presets_heads_and_activation(name, preset_name):
+    """LAION's ViT-H/g/bigG heads are 80-104 wide, not CLIP's 64: with a preset's tower sizes (at any image
+    or patch size), its heads are used (and its activation, unless one is given). Shapes only: the models are
+    built on the meta device."""
     from hf_clip import HfClipConfig
     from hf_clip.convert import infer_openai_config
 
     cfg = open_clip.get_model_config(name)
     with torch.device("meta"):
         state = CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]).state_dict()
-    preset = HfClipConfig.from_preset(name)
+    preset = HfClipConfig.from_preset(preset_name)
     inferred = infer_openai_config(state)
     for tower, ref in (
         (inferred.vision_config, preset.vision_config),

@@ -13,10 +13,11 @@ without executing it), an OpenAI / open_clip state dict (.pt, .bin, .safetensors
 CLIPModel directory or an hf_clip directory. With --to transformers, an hf_clip (or any ViT) source is
 written as a transformers CLIPModel directory instead.
 
-OpenAI / open_clip files record neither their activation nor their head counts. Sizes that are a
-preset's take its heads and activation (LAION's ViT-H/g/bigG: 16 heads, exact GELU); otherwise heads are
-width / 64 and QuickGELU (that of OpenAI's released weights) is assumed unless --gelu is given (e.g. for
-open_clip models trained with exact GELU). --config names the architecture where neither holds."""
+OpenAI / open_clip files record neither their activation nor their head counts. Tower sizes that are a
+preset's take its heads and activation (LAION's ViT-H/g/bigG: 16 heads, exact GELU, at any image or patch
+size); otherwise heads are width / 64 and QuickGELU (that of OpenAI's released weights) is assumed. --gelu or
+--quick-gelu overrides the activation (DFN's ViT-H-14-378 uses QuickGELU); --config names the architecture
+where neither holds."""
 
 
 def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ from .rules import ConversionError
 logger = logging.getLogger(__name__)
 
 # What shapes show of a tower (heads and activation are what they do not).
+_INPUT_SIZES = ("patch_size", "image_size")
 _VISIBLE = (
     "vision_type",
     "hidden_size",
@@ -98,25 +99,41 @@ def _transformer_tower(
 
 
 def _with_preset_heads(config: HfClipConfig, activation: str | None) -> HfClipConfig:
-    """Head counts (and, unless given, the activation) of the preset whose sizes these are, if any."""
+    """Head counts (and, unless given, the activation) of the preset whose tower sizes these are, if any.
 
-    def visible(c: HfClipConfig) -> tuple:
-        towers = (c.vision_config, c.text_config)
-        return (c.projection_dim, *(getattr(t, k, None) for t in towers for k in _VISIBLE))
+    Image and patch size do not decide the head count, so they are left out of the match: LAION's and
+    DFN's ViT-H at 378 px or with 16-px patches have ViT-H/14's 16 heads, not width / 64 = 20."""
 
-    for name in PRESETS:
-        preset = HfClipConfig.from_preset(name)
-        if visible(preset) == visible(config):
-            for tower, ref in (
-                (config.vision_config, preset.vision_config),
-                (config.text_config, preset.text_config),
-            ):
-                tower.num_attention_heads = ref.num_attention_heads
-                tower.hidden_act = activation or ref.hidden_act
-            logger.info("The sizes are those of %s: its head counts are used.", name)
-            return config
-    for tower in (config.vision_config, config.text_config):
-        tower.hidden_act = activation or "quick_gelu"
+    def visible(c: HfClipConfig, with_input_sizes: bool = True) -> tuple:
+        keys = _VISIBLE if with_input_sizes else tuple(k for k in _VISIBLE if k not in _INPUT_SIZES)
+        return (
+            c.projection_dim,
+            *(getattr(t, k, None) for t in (c.vision_config, c.text_config) for k in keys),
+        )
+
+    presets = [(name, HfClipConfig.from_preset(name)) for name in PRESETS]
+    match = next((p for p in presets if visible(p[1]) == visible(config)), None) or next(
+        (p for p in presets if visible(p[1], False) == visible(config, False)), None
+    )
+    if match is not None:
+        name, preset = match
+        for tower, ref in (
+            (config.vision_config, preset.vision_config),
+            (config.text_config, preset.text_config),
+        ):
+            tower.num_attention_heads = ref.num_attention_heads
+            tower.hidden_act = activation or ref.hidden_act
+        logger.info("The tower sizes are those of %s: its head counts are used.", name)
+    else:
+        for tower in (config.vision_config, config.text_config):
+            tower.hidden_act = activation or "quick_gelu"
+    if activation is None:
+        logger.warning(
+            "The checkpoint does not say its activation; assuming %s%s. If it was trained with the other one "
+            "(open_clip names QuickGELU models '-quickgelu'), pass --gelu or --quick-gelu (activation=...).",
+            config.vision_config.hidden_act,
+            f" as {match[0]} uses" if match is not None else " as OpenAI's CLIP uses",
+        )
     return config
 
 
