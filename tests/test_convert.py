@@ -4,6 +4,7 @@ back out to transformers, proven by equal outputs on identical inputs (fp32, eva
 import argparse
 import copy
 import json
+import os
 import shutil
 import warnings
 
@@ -577,3 +578,44 @@ def test_legacy_end_of_text_with_added_tokens():
     for vocab, expected in ((49408, 49407), (49410, 49407), (VOCAB, VOCAB - 1)):
         config = CLIPConfig(text_config={"vocab_size": vocab, "eos_token_id": 2})
         assert config_from_transformers(config).text_config.eos_token_id == expected, vocab
+
+
+def test_output_directory_modes_cwd_and_failed_overwrite(tmp_path, monkeypatch):
+    """A new output directory gets the mode mkdir would give it; an existing one (possibly the working
+    directory, ".") keeps its inode and mode; an overwrite that fails half-way puts the old files back."""
+    import hf_clip.convert.api as api
+
+    reference = _reference(_shrunk_config("ViT-B-32-quickgelu"))
+    torch.save(reference.state_dict(), tmp_path / "b32.pt")
+    umask = os.umask(0o022)
+    try:
+        new = convert_checkpoint(tmp_path / "b32.pt", tmp_path / "new", processor=False)
+        assert new.stat().st_mode & 0o777 == 0o755
+        here = tmp_path / "here"
+        here.mkdir(mode=0o775)
+        here.chmod(0o775)
+        inode = here.stat().st_ino
+        monkeypatch.chdir(here)
+        assert convert_checkpoint(tmp_path / "b32.pt", ".", processor=False) == here
+        assert here.stat().st_ino == inode and here.stat().st_mode & 0o777 == 0o775
+        assert (here / "model.safetensors").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [
+            "b32.pt",
+            "here",
+            "new",
+        ]
+    finally:
+        os.umask(umask)
+    before = {p.name: p.read_bytes() for p in here.iterdir()}
+    real_replace, calls = os.replace, []
+
+    def failing_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == len(before) + 2:  # the old files moved aside, then one new file moved in
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(api.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        convert_checkpoint(tmp_path / "b32.pt", here, processor=False, overwrite=True, activation="gelu")
+    assert {p.name: p.read_bytes() for p in here.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b32.pt", "here", "new"]  # no leftovers

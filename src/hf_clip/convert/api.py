@@ -148,14 +148,36 @@ def _prepare_output(out_dir: Path, overwrite: bool) -> None:
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move the finished directory into place, so a crash never leaves a half-written model behind."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
-        os.replace(out_dir, old / out_dir.name)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old)
+    """Move the finished files into place, so a crash never leaves a half-written model behind.
+
+    A new directory is renamed into place whole (with the mode `mkdir` would give it, not `mkdtemp`'s 0700).
+    An existing one keeps its inode and mode (it may be the shell's working directory, or shared): its old
+    entries are moved aside, the new ones moved in, and on any failure the old ones are put back."""
+    if not out_dir.exists():
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        os.replace(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
+    moved_out: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for entry in list(out_dir.iterdir()):
+            os.replace(entry, old / entry.name)
+            moved_out.append(entry.name)
+        for entry in list(tmp.iterdir()):
+            os.replace(entry, out_dir / entry.name)
+            moved_in.append(entry.name)
+    except BaseException:
+        for name in moved_in:
+            os.replace(out_dir / name, tmp / name)
+        for name in moved_out:
+            os.replace(old / name, out_dir / name)
+        old.rmdir()
+        raise
+    shutil.rmtree(old)
+    tmp.rmdir()
 
 
 def convert_checkpoint(
@@ -180,7 +202,7 @@ def convert_checkpoint(
     """
     if to not in _TARGETS:
         raise ValueError(f"to={to!r}; use one of {_TARGETS}.")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser().resolve()  # "." has no name to publish under, nor a real parent
     _prepare_output(out_dir, overwrite)
     state_dict, config = load_hf_clip_state_dict(src, activation, config)
     if processor:
