@@ -567,6 +567,8 @@ def test_missing_bpe_vocabulary_is_reported_before_any_weights_are_written(tmp_p
     monkeypatch.setattr(api, "_build", lambda *args: built.append(args))
     with pytest.raises(FileNotFoundError, match="--bpe-vocab"):
         convert_checkpoint(tmp_path / "b32.pt", tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="no/such/vocab.txt.gz"):  # a given path, too
+        convert_checkpoint(tmp_path / "b32.pt", tmp_path / "out", bpe_vocab=tmp_path / "no/such/vocab.txt.gz")
     assert not built and not (tmp_path / "out").exists()
 
 
@@ -619,3 +621,23 @@ def test_output_directory_modes_cwd_and_failed_overwrite(tmp_path, monkeypatch):
         convert_checkpoint(tmp_path / "b32.pt", here, processor=False, overwrite=True, activation="gelu")
     assert {p.name: p.read_bytes() for p in here.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b32.pt", "here", "new"]  # no leftovers
+
+
+def test_logit_bias_model_to_transformers_is_refused_with_the_reason(tmp_path):
+    from hf_clip import HfClipConfig
+
+    config = HfClipConfig(
+        projection_dim=16,
+        logit_bias_init_value=-10.0,
+        text_config=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            vocab_size=VOCAB,
+            eos_token_id=VOCAB - 1,
+            bos_token_id=VOCAB - 2,
+        ),
+        vision_config=dict(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1),
+    )
+    HfClipModel(config).save_pretrained(tmp_path / "siglip")
+    with pytest.raises(ConversionError, match="logit bias .* transformers' CLIPModel lacks"):
+        convert_checkpoint(tmp_path / "siglip", tmp_path / "out", to="transformers", processor=False)

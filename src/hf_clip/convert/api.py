@@ -205,10 +205,18 @@ def convert_checkpoint(
     out_dir = Path(out_dir).expanduser().resolve()  # "." has no name to publish under, nor a real parent
     _prepare_output(out_dir, overwrite)
     state_dict, config = load_hf_clip_state_dict(src, activation, config)
+    if to == "transformers" and "logit_bias" in state_dict:
+        raise ConversionError(
+            f"{src} has a logit bias (trained with the sigmoid loss), which transformers' CLIPModel lacks: "
+            "its logits would be wrong. Keep it in hf_clip's format."
+        )
     if processor:
         check_processor_vocabulary(config)
+        # A missing vocabulary file is reported before any weights are written.
         if bpe_vocab is None:
-            _find_openai_bpe()  # a missing vocabulary file is reported before any weights are written
+            _find_openai_bpe()
+        elif not Path(bpe_vocab).expanduser().is_file():
+            raise FileNotFoundError(f"BPE vocabulary not found: {bpe_vocab} (--bpe-vocab).")
     if to == "transformers":
         clip_config = config_to_transformers(config)
         model = _build(CLIPModel, clip_config, invert_rules(state_dict, transformers_rules(config)))
