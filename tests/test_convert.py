@@ -641,3 +641,11 @@ def test_logit_bias_model_to_transformers_is_refused_with_the_reason(tmp_path):
     HfClipModel(config).save_pretrained(tmp_path / "siglip")
     with pytest.raises(ConversionError, match="logit bias .* transformers' CLIPModel lacks"):
         convert_checkpoint(tmp_path / "siglip", tmp_path / "out", to="transformers", processor=False)
+
+
+def test_config_option_is_refused_for_sources_with_their_own(tmp_path):
+    reference = _transformers_reference(_tiny_clip_config())
+    reference.save_pretrained(tmp_path / "transformers")
+    with pytest.raises(ValueError, match="its own config.json"):
+        convert_checkpoint(tmp_path / "transformers", tmp_path / "out", processor=False, config="RN50")
+    assert not (tmp_path / "out").exists()

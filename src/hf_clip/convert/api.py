@@ -89,6 +89,14 @@ def _given_config(config: HfClipConfig | str) -> HfClipConfig:
     return HfClipConfig.from_preset(config)
 
 
+def _refuse_second_config(config: object, src: Path) -> None:
+    if config is not None:
+        raise ValueError(
+            f"{src} comes with its own config.json, which describes it; --config (config=) is for files that "
+            "do not (OpenAI / open_clip state dicts, bare weights). Leave it out."
+        )
+
+
 def load_hf_clip_state_dict(
     src: str | PathLike, activation: str | None = None, config: HfClipConfig | str | None = None
 ) -> tuple[dict[str, torch.Tensor], HfClipConfig]:
@@ -114,13 +122,17 @@ def load_hf_clip_state_dict(
         state_dict = apply_rules(state_dict, openai_rules(config), OPENAI_EXTRA_KEYS, what)
     elif layout == "transformers":
         if isinstance(source_config, CLIPConfig):
+            _refuse_second_config(config, src)
             config = config_from_transformers(source_config)
+        elif config is not None:
+            config = _given_config(config)
         else:
             config = infer_transformers_config(state_dict, activation)
         state_dict = apply_rules(state_dict, transformers_rules(config), TRANSFORMERS_EXTRA_KEYS, what)
     else:
         if not isinstance(source_config, HfClipConfig):
             raise ConversionError(f"{src} holds hf_clip weights without a config: pass its model directory.")
+        _refuse_second_config(config, src)
         config = source_config
     if activation is not None:
         _set_activation(config, activation)
