@@ -634,6 +634,9 @@ def test_resize_token_embeddings_round_trips(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = HfClipModel.from_pretrained(tmp_path)
     torch.testing.assert_close(reloaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    with pytest.raises(ValueError, match=f"would drop the special token id {EOS}"):
+        model.resize_token_embeddings(1000)  # would save a folder that no longer loads
+    assert model.config.text_config.vocab_size == EOS + 11
 
 
 def test_call_conventions_of_transformers():

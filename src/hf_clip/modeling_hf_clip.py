@@ -356,6 +356,21 @@ class HfClipPreTrainedModel(PreTrainedModel):
         hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return bool(hidden), (self.config.return_dict if return_dict is None else return_dict) is not False
 
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, *args: Any, **kwargs: Any
+    ) -> nn.Embedding:
+        """transformers' resize, refusing sizes that would drop the start- or end-of-text token: the tower pools
+        at the latter, and a config naming an id past its vocabulary does not load again."""
+        text = getattr(self.config, "text_config", self.config)
+        specials = [i for i in (text.bos_token_id, text.eos_token_id) if i is not None]
+        if new_num_tokens is not None and specials and new_num_tokens <= max(specials):
+            raise ValueError(
+                f"new_num_tokens={new_num_tokens} would drop the special token id {max(specials)} "
+                f"(bos_token_id={text.bos_token_id}, eos_token_id={text.eos_token_id}); keep at least "
+                f"{max(specials) + 1} tokens, or set new special ids in the config first."
+            )
+        return super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
+
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # `_init_weights` initialises layers from the module that knows their role (an attention block sets
         # its projections' scale), and those parents hold no parameters of their own. transformers skips, for
