@@ -649,3 +649,36 @@ def test_config_option_is_refused_for_sources_with_their_own(tmp_path):
     with pytest.raises(ValueError, match="its own config.json"):
         convert_checkpoint(tmp_path / "transformers", tmp_path / "out", processor=False, config="RN50")
     assert not (tmp_path / "out").exists()
+
+
+def test_open_clip_hub_folder_takes_its_config(tmp_path):
+    """An open_clip Hub folder (open_clip_config.json + open_clip_model.safetensors) says what shapes cannot:
+    exact GELU, 32-wide vision heads, 2 text heads; a variant hf_clip does not compute is refused."""
+    cfg = _shrunk_config("ViT-B-32")
+    cfg["vision_cfg"]["head_width"] = 32  # not width / 64
+    cfg["text_cfg"]["heads"] = 2
+    reference = _reference(cfg, quick_gelu=False)
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file(
+        {k: v.contiguous() for k, v in reference.state_dict().items()}, folder / "open_clip_model.safetensors"
+    )
+    model = HfClipModel.from_pretrained(convert_checkpoint(folder, tmp_path / "out", processor=False)).eval()
+    vision, text = model.config.vision_config, model.config.text_config
+    assert (vision.num_attention_heads, text.num_attention_heads) == (vision.hidden_size // 32, 2)
+    assert vision.hidden_act == text.hidden_act == "gelu"
+    _assert_parity(reference, model, cfg["vision_cfg"]["image_size"])
+    # The weights file given directly finds the config beside it.
+    beside = convert_checkpoint(folder / "open_clip_model.safetensors", tmp_path / "out2", processor=False)
+    assert (
+        HfClipModel.from_pretrained(beside).config.vision_config.num_attention_heads
+        == vision.num_attention_heads
+    )
+    # Same tensor names, other computation: refused rather than converted wrong.
+    for tower, option in (("text_cfg", {"pool_type": "last"}), ("vision_cfg", {"pool_type": "avg"})):
+        variant = copy.deepcopy(cfg)
+        variant[tower].update(option)
+        (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": variant}))
+        with pytest.raises(ConversionError, match="pool_type"):
+            convert_checkpoint(folder, tmp_path / "refused", processor=False)

@@ -25,6 +25,13 @@ from ..modeling_hf_clip import HfClipModel
 from ..tokenization_hf_clip import _find_openai_bpe
 from .infer import detect_layout, infer_openai_config, infer_transformers_config
 from .loading import load_state_dict_file
+from .open_clip_config import (
+    OPEN_CLIP_CONFIG,
+    apply_open_clip_config,
+    find_open_clip_config,
+    open_clip_activation,
+    open_clip_weights_file,
+)
 from .openai import OPENAI_EXTRA_KEYS, openai_rules
 from .processor import check_processor_vocabulary, save_processor_files
 from .rules import ConversionError, apply_rules, check_shapes, invert_rules
@@ -62,6 +69,8 @@ def _load_source(src: Path) -> tuple[dict[str, torch.Tensor], HfClipConfig | CLI
     if not src.is_dir():
         return load_state_dict_file(src), None
     config_file = src / "config.json"
+    if not config_file.is_file() and (src / OPEN_CLIP_CONFIG).is_file():  # an open_clip Hub folder
+        return load_state_dict_file(open_clip_weights_file(src)), None
     if not config_file.is_file():
         raise FileNotFoundError(f"{src} is a directory without config.json; pass a checkpoint file instead.")
     model_type = json.loads(config_file.read_text()).get("model_type")
@@ -102,8 +111,9 @@ def load_hf_clip_state_dict(
 ) -> tuple[dict[str, torch.Tensor], HfClipConfig]:
     """Read any supported checkpoint and return its weights under hf_clip names, with the matching config.
 
-    `activation` ("quick_gelu" or "gelu") overrides the config. Without a config file (OpenAI / open_clip
-    checkpoints) sizes that are a preset's take its head counts and activation (LAION's ViT-H/g/bigG: 16
+    `activation` ("quick_gelu" or "gelu") overrides the config. An open_clip_config.json in the folder or
+    beside the file supplies activation, heads and end-of-text id (and refuses variants hf_clip does not
+    compute). Without any config file (OpenAI / open_clip checkpoints) sizes that are a preset's take its head counts and activation (LAION's ViT-H/g/bigG: 16
     heads, GELU); other sizes get heads of width // 64 and "quick_gelu", the activation of OpenAI's released
     weights. Where that is wrong, name the architecture with `config`: an `HfClipConfig`, a preset name
     ("ViT-H-14") or a config.json path; the weights are then checked against it.
@@ -117,6 +127,11 @@ def load_hf_clip_state_dict(
     if layout == "openai":
         if config is not None:
             config = _given_config(config)
+        elif (model_cfg := find_open_clip_config(src)) is not None:
+            activation = activation or open_clip_activation(model_cfg)
+            config = apply_open_clip_config(
+                infer_openai_config(state_dict, activation), model_cfg, activation, src
+            )
         else:
             config = infer_openai_config(state_dict, activation)
         state_dict = apply_rules(state_dict, openai_rules(config), OPENAI_EXTRA_KEYS, what)

@@ -13,7 +13,11 @@ without executing it), an OpenAI / open_clip state dict (.pt, .bin, .safetensors
 CLIPModel directory or an hf_clip directory. With --to transformers, an hf_clip (or any ViT) source is
 written as a transformers CLIPModel directory instead.
 
-OpenAI / open_clip files record neither their activation nor their head counts. Tower sizes that are a
+An open_clip Hub folder (open_clip_config.json + open_clip_model.safetensors), or a weights file with
+open_clip_config.json beside it, takes its activation, heads and end-of-text id from that file, and variants
+hf_clip does not compute (other pooling, no causal mask...) are refused.
+
+Other OpenAI / open_clip files record neither their activation nor their head counts. Tower sizes that are a
 preset's take its heads and activation (LAION's ViT-H/g/bigG: 16 heads, exact GELU, at any image or patch
 size); otherwise heads are width / 64 and QuickGELU (that of OpenAI's released weights) is assumed. --gelu or
 --quick-gelu overrides the activation (DFN's ViT-H-14-378 uses QuickGELU); --config names the architecture

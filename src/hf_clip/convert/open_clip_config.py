@@ -1,0 +1,100 @@
+"""open_clip's `open_clip_config.json`: what a state dict cannot tell, read from the file beside it.
+
+An OpenAI-layout state dict records neither its activation nor its head counts, and some open_clip variants
+keep the exact OpenAI tensor names while computing something else (pooling at another token, no causal
+mask, average-pooled images). open_clip's Hub folders ship their architecture as `open_clip_config.json`
+(`{"model_cfg": {...}, "preprocess_cfg": {...}}`); when it sits next to the weights, the conversion takes the
+activation, heads and end-of-text id from it and refuses what hf_clip does not implement, instead of
+guessing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..configuration_hf_clip import HfClipConfig
+from .rules import ConversionError
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+# open_clip's Hub weight files, in its own order of preference.
+OPEN_CLIP_WEIGHT_FILES = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+)
+
+
+def find_open_clip_config(src: Path) -> dict[str, Any] | None:
+    """The `model_cfg` of the open_clip_config.json in folder `src` or beside file `src`, if there is one."""
+    path = (src if src.is_dir() else src.parent) / OPEN_CLIP_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{path} could not be read as JSON ({error}).") from error
+    return config.get("model_cfg", config)
+
+
+def open_clip_weights_file(folder: Path) -> Path:
+    for name in OPEN_CLIP_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(
+        f"{folder} has {OPEN_CLIP_CONFIG} but none of {', '.join(OPEN_CLIP_WEIGHT_FILES)}."
+    )
+
+
+def open_clip_activation(model_cfg: dict[str, Any]) -> str:
+    """open_clip's models use exact GELU unless their config says `quick_gelu` (OpenAI's, DFN's)."""
+    return "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+
+
+def _unsupported(model_cfg: dict[str, Any]) -> list[str]:
+    text, vision = model_cfg.get("text_cfg", {}), model_cfg.get("vision_cfg", {})
+    found = []
+    if text.get("pool_type", "argmax") not in ("argmax", "eos"):
+        found.append(f"text pool_type={text['pool_type']!r} (hf_clip pools at the end-of-text token)")
+    if text.get("no_causal_mask"):
+        found.append("text no_causal_mask (hf_clip's text tower is causal)")
+    if text.get("embed_cls"):
+        found.append("text embed_cls")
+    if vision.get("pool_type", "tok") != "tok":
+        found.append(f"vision pool_type={vision['pool_type']!r} (hf_clip pools the class token)")
+    for flag in ("final_ln_after_pool", "attentional_pool", "no_ln_pre"):
+        if vision.get(flag) or (flag == "final_ln_after_pool" and text.get(flag)):
+            found.append(flag)
+    for tower, cfg in (("text", text), ("vision", vision)):
+        for flag in ("qk_norm", "scale_attn", "scale_attn_inner", "scale_fc", "scale_heads"):
+            if cfg.get(flag):
+                found.append(f"{tower} {flag}")
+        if cfg.get("act_kwargs") or cfg.get("norm_kwargs"):
+            found.append(f"{tower} act_kwargs/norm_kwargs")
+    return found
+
+
+def apply_open_clip_config(
+    config: HfClipConfig, model_cfg: dict[str, Any], activation: str | None, source: Path
+) -> HfClipConfig:
+    """`config` (inferred from the weights' shapes) with open_clip's activation, head counts and end-of-text
+    id; a ConversionError for a variant hf_clip does not compute."""
+    unsupported = _unsupported(model_cfg)
+    if unsupported:
+        raise ConversionError(
+            f"{source}: its {OPEN_CLIP_CONFIG} describes a variant hf_clip does not implement: "
+            f"{'; '.join(unsupported)}. Converting it would silently compute something else."
+        )
+    text, vision = model_cfg.get("text_cfg", {}), model_cfg.get("vision_cfg", {})
+    act = activation or open_clip_activation(model_cfg)
+    config.text_config.hidden_act = config.vision_config.hidden_act = act
+    config.text_config.num_attention_heads = int(text.get("heads", 8))
+    if config.vision_config.vision_type == "vit":
+        config.vision_config.num_attention_heads = config.vision_config.hidden_size // int(
+            vision.get("head_width", 64)
+        )
+    if text.get("pool_type") == "eos":
+        config.text_config.eos_token_id = int(text.get("eos_id", 2))
+    return config
