@@ -90,12 +90,22 @@ def _set_activation(config: HfClipConfig, activation: str) -> None:
     config.vision_config.hidden_act = activation
 
 
-def _given_config(config: HfClipConfig | str) -> HfClipConfig:
+def _given_config(config: HfClipConfig | str, activation: str | None = None) -> HfClipConfig:
     if isinstance(config, HfClipConfig):
         return config
     if str(config).endswith(".json"):
         return HfClipConfig.from_json_file(config)
-    return HfClipConfig.from_preset(config)
+    preset = HfClipConfig.from_preset(config)
+    if activation is None and "/" not in str(config) and not str(config).endswith("-quickgelu"):
+        if preset.vision_config.hidden_act == "quick_gelu":
+            logger.warning(
+                "--config %s: hf_clip's preset is OpenAI's model, with QuickGELU; open_clip's config of that "
+                "name uses exact GELU (its QuickGELU one is '%s-quickgelu'). Pass --gelu if the checkpoint "
+                "was trained with GELU.",
+                config,
+                config,
+            )
+    return preset
 
 
 def _refuse_second_config(config: object, src: Path) -> None:
@@ -126,7 +136,7 @@ def load_hf_clip_state_dict(
     what = f"{layout} checkpoint {src.name}"
     if layout == "openai":
         if config is not None:
-            config = _given_config(config)
+            config = _given_config(config, activation)
         elif (model_cfg := find_open_clip_config(src)) is not None:
             activation = activation or open_clip_activation(model_cfg)
             config = apply_open_clip_config(
