@@ -123,9 +123,9 @@ def load_hf_clip_state_dict(
 
     `activation` ("quick_gelu" or "gelu") overrides the config. An open_clip_config.json in the folder or
     beside the file supplies activation, heads and end-of-text id (and refuses variants hf_clip does not
-    compute). Without any config file (OpenAI / open_clip checkpoints) sizes that are a preset's take its head counts and activation (LAION's ViT-H/g/bigG: 16
-    heads, GELU); other sizes get heads of width // 64 and "quick_gelu", the activation of OpenAI's released
-    weights. Where that is wrong, name the architecture with `config`: an `HfClipConfig`, a preset name
+    compute). Without any config file (OpenAI / open_clip checkpoints) sizes that are a preset's take its
+    head counts and activation (LAION's ViT-H/g/bigG: 16 heads, GELU); other sizes get heads of
+    width // 64 and "quick_gelu", the activation of OpenAI's released weights. Where that is wrong, name the architecture with `config`: an `HfClipConfig`, a preset name
     ("ViT-H-14") or a config.json path; the weights are then checked against it.
     """
     if activation is not None and activation not in ACTIVATIONS:
@@ -138,10 +138,8 @@ def load_hf_clip_state_dict(
         if config is not None:
             config = _given_config(config, activation)
         elif (model_cfg := find_open_clip_config(src)) is not None:
-            activation = activation or open_clip_activation(model_cfg)
-            config = apply_open_clip_config(
-                infer_openai_config(state_dict, activation), model_cfg, activation, src
-            )
+            activation = activation or open_clip_activation(model_cfg)  # set on both towers below
+            config = apply_open_clip_config(infer_openai_config(state_dict, activation), model_cfg, src)
         else:
             config = infer_openai_config(state_dict, activation)
         state_dict = apply_rules(state_dict, openai_rules(config), OPENAI_EXTRA_KEYS, what)

@@ -64,9 +64,13 @@ def _unsupported(model_cfg: dict[str, Any]) -> list[str]:
         found.append("text embed_cls")
     if vision.get("pool_type", "tok") != "tok":
         found.append(f"vision pool_type={vision['pool_type']!r} (hf_clip pools the class token)")
-    for flag in ("final_ln_after_pool", "attentional_pool", "no_ln_pre"):
-        if vision.get(flag) or (flag == "final_ln_after_pool" and text.get(flag)):
-            found.append(flag)
+    found += [
+        f"vision {flag}"
+        for flag in ("final_ln_after_pool", "attentional_pool", "no_ln_pre")
+        if vision.get(flag)
+    ]
+    if text.get("final_ln_after_pool"):
+        found.append("text final_ln_after_pool")
     for tower, cfg in (("text", text), ("vision", vision)):
         for flag in ("qk_norm", "scale_attn", "scale_attn_inner", "scale_fc", "scale_heads"):
             if cfg.get(flag):
@@ -76,11 +80,9 @@ def _unsupported(model_cfg: dict[str, Any]) -> list[str]:
     return found
 
 
-def apply_open_clip_config(
-    config: HfClipConfig, model_cfg: dict[str, Any], activation: str | None, source: Path
-) -> HfClipConfig:
-    """`config` (inferred from the weights' shapes) with open_clip's activation, head counts and end-of-text
-    id; a ConversionError for a variant hf_clip does not compute."""
+def apply_open_clip_config(config: HfClipConfig, model_cfg: dict[str, Any], source: Path) -> HfClipConfig:
+    """`config` (inferred from the weights' shapes, with `open_clip_activation`) given open_clip's head counts
+    and end-of-text id; a ConversionError for a variant hf_clip does not compute."""
     unsupported = _unsupported(model_cfg)
     if unsupported:
         raise ConversionError(
@@ -88,8 +90,6 @@ def apply_open_clip_config(
             f"{'; '.join(unsupported)}. Converting it would silently compute something else."
         )
     text, vision = model_cfg.get("text_cfg", {}), model_cfg.get("vision_cfg", {})
-    act = activation or open_clip_activation(model_cfg)
-    config.text_config.hidden_act = config.vision_config.hidden_act = act
     config.text_config.num_attention_heads = int(text.get("heads", 8))
     if config.vision_config.vision_type == "vit":
         config.vision_config.num_attention_heads = config.vision_config.hidden_size // int(
