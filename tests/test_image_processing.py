@@ -434,3 +434,21 @@ def test_remote_code_loads_without_hf_clip(photo, tmp_path):
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_do_rescale_false_means_floats_are_already_rescaled(fast_path):
+    # transformers' convention: pass images already in [0, 1] with do_rescale=False.
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    processor = HfClipImageProcessor.for_image_size(32)
+    expected = processor(pixels, return_tensors="pt", fast_path=fast_path)["pixel_values"]
+    as_float = pixels.astype(np.float32) / 255
+    for image in (as_float, torch.from_numpy(as_float).permute(2, 0, 1)):
+        got = processor(image, do_rescale=False, return_tensors="pt", fast_path=fast_path)["pixel_values"]
+        assert torch.equal(got, expected)
+    # 8-bit input with do_rescale=False keeps meaning "do not divide by 255", and a mixed batch each its own.
+    raw = processor([pixels, as_float], do_rescale=False, return_tensors="pt", fast_path=fast_path)[
+        "pixel_values"
+    ]
+    assert raw[0].max() > 100 and torch.equal(raw[1], expected[0])

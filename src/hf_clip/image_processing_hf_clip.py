@@ -472,6 +472,23 @@ def _flatten_images(images: Any) -> list[Any]:
     return [images]
 
 
+def _is_float_image(image: Any) -> bool:
+    """Float arrays, tensors and PIL "F" images: read as [0, 1] and brought to 8-bit levels (x 255)."""
+    if isinstance(image, torch.Tensor):
+        return image.is_floating_point()
+    if isinstance(image, np.ndarray):
+        return np.issubdtype(image.dtype, np.floating)
+    return isinstance(image, Image.Image) and image.mode == "F"
+
+
+def _kwargs_for(image: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`do_rescale=False` means "already rescaled" (transformers' convention): a float image in [0, 1] is,
+    but its conversion to 8-bit levels multiplied it by 255, which the normalisation must then undo."""
+    if kwargs["do_rescale"] or not _is_float_image(image):
+        return kwargs
+    return {**kwargs, "do_rescale": True, "rescale_factor": 1 / 255}
+
+
 class HfClipImagesKwargs(ImagesKwargs, total=False):
     """Adds to transformers' image kwargs.
 
@@ -603,7 +620,6 @@ class HfClipImageProcessor(BaseImageProcessor):
         )
 
     def _preprocess_exact(self, items: list[Any], **kwargs: Any) -> np.ndarray:
-        table = self._table(kwargs)
         resample = int(kwargs["resample"])
         fixed = kwargs["do_center_crop"]
         out = None
@@ -620,6 +636,7 @@ class HfClipImageProcessor(BaseImageProcessor):
             target = (
                 out[index] if fixed else np.empty((3, box[3] - box[1], box[2] - box[0]), dtype=np.float32)
             )
+            table = self._table(_kwargs_for(item, kwargs))
             _write_normalized(image, table, target, what, bool(kwargs["do_convert_rgb"]))
             return target
 
@@ -680,13 +697,15 @@ class HfClipImageProcessor(BaseImageProcessor):
         if len({tuple(c.shape) for c in crops}) > 1:
             raise ValueError("Without do_center_crop the images have different sizes and cannot be stacked.")
         if device.type != "cpu":
-            scale, bias = _affine_normalization(kwargs)
+            affine = [_affine_normalization(_kwargs_for(item, kwargs)) for item in items]
+            scale = torch.stack([pair[0] for pair in affine]).to(device)
+            bias = torch.stack([pair[1] for pair in affine]).to(device)
             stacked = torch.stack(crops).to(torch.float32)
-            return torch.addcmul(bias.to(device), stacked, scale.to(device))
+            return torch.addcmul(bias, stacked, scale)
         # On the CPU the exact path's table normalises: one lookup per value, the same float32 results.
-        table = self._table(kwargs)
         out = np.empty((len(crops), *crops[0].shape), dtype=np.float32)
         for index, crop in enumerate(crops):
+            table = self._table(_kwargs_for(items[index], kwargs))
             pixels = crop.numpy()
             for channel in range(3):
                 np.take(table[channel], pixels[channel], out=out[index, channel])
