@@ -547,3 +547,97 @@ def test_train_new_from_iterator_rejects_bad_arguments():
         base.train_new_from_iterator(["a"], vocab_size=100)
     with pytest.raises(TypeError, match="item 1 is NoneType"):
         base.train_new_from_iterator(["a", None], vocab_size=600, show_progress=False)
+
+
+def test_decode_of_empty_output_returns_empty_string(tokenizer):
+    # An empty caption encodes to [SOT, EOT]; with the specials skipped nothing is left to decode.
+    padded = encode(tokenizer, ["", "a dog"])
+    assert tokenizer.batch_decode(padded, skip_special_tokens=True) == ["", "a dog"]
+    assert tokenizer.decode([SOT, EOT], skip_special_tokens=True) == ""
+    assert tokenizer.decode([]) == ""
+    assert tokenizer.convert_tokens_to_string([]) == ""
+    assert tokenizer.backend_tokenizer.decode([]) == ""
+    # Unchanged elsewhere: one space per word end, none after the last word (also before a newline byte).
+    assert (
+        tokenizer.decode(tokenizer("a Dog, barking!!")["input_ids"])
+        == "<start_of_text>a dog , barking !! <end_of_text>"
+    )
+    newline_word = tokenizer.convert_tokens_to_ids("\u010a</w>")  # byte 0x0a as a whole word
+    assert tokenizer.decode([320, newline_word]) == "a \n"
+    assert tokenizer.decode([320, newline_word, 321]) == "a \n b"
+
+
+def test_decode_removes_left_padding(tokenizer):
+    texts = ["a dog", "a photo of a big cat"]
+    left = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")["input_ids"]
+    assert left[0, 0] == 0  # OpenAI's pad id
+    assert tokenizer.batch_decode(left, skip_special_tokens=True) == ["a dog", "a photo of a big cat"]
+    assert tokenizer.decode(left[0]) == "<start_of_text>a dog <end_of_text>"
+    # Id 0 inside a word ("!" before "~") is text, not padding.
+    assert tokenizer.decode(tokenizer("hey!~")["input_ids"], skip_special_tokens=True) == "hey !~"
+
+
+@pytest.mark.parametrize("how", ["init", "setter"])
+def test_end_of_text_as_pad_token_stays_special(tokenizer, reference, how, tmp_path):
+    if how == "init":
+        eos_padded = HfClipTokenizer.from_openai_bpe(pad_token="<end_of_text>")
+    else:
+        eos_padded = HfClipTokenizer.from_openai_bpe()
+        eos_padded.pad_token = eos_padded.eos_token
+        eos_padded.save_pretrained(tmp_path)
+        eos_padded = AutoTokenizer.from_pretrained(tmp_path)
+    assert eos_padded.pad_token_id == EOT
+    texts = ["a photo <end_of_text> of", "a dog"]
+    expected = [[t for t in row if t] for row in reference(texts).tolist()]
+    assert eos_padded(texts)["input_ids"] == expected
+    assert eos_padded(texts, padding=True, return_tensors="pt")["input_ids"][0].tolist() == expected[0]
+    assert EOT in eos_padded.all_special_ids
+    assert eos_padded.decode(expected[0], skip_special_tokens=True) == "a photo of"
+
+
+def test_added_tokens_with_punctuation_or_capitals_are_used(tokenizer, tmp_path):
+    # transformers' CLIPTokenizer matches added tokens before splitting words; so must HfClipTokenizer.
+    extended = HfClipTokenizer.from_openai_bpe()
+    extended.add_tokens(["<cls_a>", "NewTok", "hot dog"])
+    extended.add_special_tokens({"additional_special_tokens": ["<Special>"]})
+    cls_a, new_tok, hot_dog, special = (
+        extended.convert_tokens_to_ids(t) for t in ("<cls_a>", "NewTok", "hot dog", "<Special>")
+    )
+    cases = {
+        "a <cls_a> photo": [SOT, 320, cls_a, 1125, EOT],
+        "x<cls_a>y": [SOT, 343, cls_a, 344, EOT],
+        "a NEWTOK": [SOT, 320, new_tok, EOT],  # normalized (non-special) tokens match the cleaned text
+        "Hot  Dog": [SOT, hot_dog, EOT],
+        "a <Special> b": [SOT, 320, special, 321, EOT],  # special tokens match the raw text, case-sensitive
+        "a <special> b": [SOT, 320, 283, 1689, 285, 321, EOT],
+    }
+    for text, expected in cases.items():
+        assert extended(text)["input_ids"] == expected, text
+        assert extended([text], return_tensors="pt")["input_ids"][0].tolist() == expected, text
+    assert extended.decode(cases["a <Special> b"], skip_special_tokens=True) == "a b"
+    extended.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert [reloaded(text)["input_ids"] for text in cases] == list(cases.values())
+    # Texts without added tokens still encode exactly as OpenAI's tokenizer.
+    texts = parity_corpus(300, seed=11)
+    assert torch.equal(encode(extended, texts), encode(tokenizer, texts))
+
+
+@pytest.mark.parametrize("flag", ["add_bos_token", "add_eos_token"])
+def test_save_and_load_keeps_special_token_flags(flag, tmp_path):
+    AutoTokenizer.register(_config_class(), tokenizer_class=HfClipTokenizer, exist_ok=True)
+    without = HfClipTokenizer.from_openai_bpe(**{flag: False})
+    expected = without(["a dog"])["input_ids"]
+    assert len(expected[0]) == 3
+    without.save_pretrained(tmp_path)
+    for loaded in (
+        AutoTokenizer.from_pretrained(tmp_path),
+        HfClipTokenizer(tokenizer_file=str(tmp_path / "tokenizer.json")),
+    ):
+        assert getattr(loaded, flag) is False
+        assert loaded(["a dog"])["input_ids"] == expected
+        assert loaded(["a dog"], return_tensors="pt")["input_ids"].tolist() == expected
+    # An explicit argument still wins over the saved file.
+    assert AutoTokenizer.from_pretrained(tmp_path, **{flag: True})(["a dog"])["input_ids"] == [
+        [SOT, 320, 1929, EOT]
+    ]

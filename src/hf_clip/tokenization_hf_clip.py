@@ -37,7 +37,7 @@ from typing import Any
 import ftfy
 import numpy as np
 import regex
-from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers.tokenization_utils_base import BatchEncoding, PaddingStrategy, TruncationStrategy
@@ -183,6 +183,20 @@ def _read_bpe_json(tokenizer_json: dict[str, Any]) -> tuple[dict[str, int], list
     return dict(model["vocab"]), merges
 
 
+def _read_special_token_flags(
+    post_processor: dict[str, Any] | None, bos_token: str, eos_token: str
+) -> dict[str, bool]:
+    """add_bos_token / add_eos_token as recorded by a saved TemplateProcessing post-processor (else nothing).
+
+    The post-processor itself is always rebuilt from these two flags (see `update_post_processor`)."""
+    if not post_processor or post_processor.get("type") != "TemplateProcessing":
+        return {}
+    single = [
+        piece["SpecialToken"]["id"] for piece in post_processor.get("single", []) if "SpecialToken" in piece
+    ]
+    return {"add_bos_token": bos_token in single, "add_eos_token": eos_token in single}
+
+
 def _backend_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     # Words arrive already split by Python and joined with single spaces; map their bytes to symbols.
     return pre_tokenizers.Sequence(
@@ -198,8 +212,16 @@ def _build_backend(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Toke
         BPE(vocab=vocab, merges=merges, end_of_word_suffix=END_OF_WORD, fuse_unk=False, dropout=None)
     )
     backend.pre_tokenizer = _backend_pre_tokenizer()
+    # The last word's marker is dropped rather than replaced and stripped: tokenizers' Strip decoder panics
+    # (a PanicException, which `except Exception` does not catch) on an empty string, which is what
+    # `decode([])` or `decode([bos, eos], skip_special_tokens=True)` (an empty caption) produce. `\z`, not
+    # `$`: Oniguruma's `$` also matches before a newline.
     backend.decoder = decoders.Sequence(
-        [decoders.ByteLevel(), decoders.Replace(END_OF_WORD, " "), decoders.Strip(" ", 0, 1)]
+        [
+            decoders.ByteLevel(),
+            decoders.Replace(Regex(re.escape(END_OF_WORD) + r"\z"), ""),
+            decoders.Replace(END_OF_WORD, " "),
+        ]
     )
     return backend
 
@@ -247,18 +269,31 @@ class HfClipTokenizer(TokenizersBackend):
         # the pipeline around them is always rebuilt here so it cannot drift from the Python side.
         tokenizer_file = kwargs.pop("tokenizer_file", None)
         tokenizer_object = kwargs.pop("tokenizer_object", None)
+        # transformers keeps add_bos_token/add_eos_token out of tokenizer_config.json: the saved post-processor
+        # (passed as `post_processor` by from_pretrained, or inside a tokenizer.json) is their only record.
+        post_processor = kwargs.pop("post_processor", None)
+        saved_post_processor = (
+            json.loads(post_processor.__getstate__()) if post_processor is not None else None
+        )
         if vocab is None and tokenizer_object is not None:
-            vocab, merges = _read_bpe_json(json.loads(tokenizer_object.to_str()))
+            saved = json.loads(tokenizer_object.to_str())
+            vocab, merges = _read_bpe_json(saved)
+            saved_post_processor = saved_post_processor or saved.get("post_processor")
         elif vocab is None and tokenizer_file is not None and os.path.isfile(tokenizer_file):
             with open(tokenizer_file, encoding="utf-8") as handle:
-                vocab, merges = _read_bpe_json(json.load(handle))
+                saved = json.load(handle)
+            vocab, merges = _read_bpe_json(saved)
+            saved_post_processor = saved_post_processor or saved.get("post_processor")
+        for key, present in _read_special_token_flags(
+            saved_post_processor, str(bos_token), str(eos_token)
+        ).items():
+            kwargs.setdefault(key, present)
         if vocab is None:
             vocab, merges = clip_vocab([], [str(bos_token), str(eos_token)]), []
         self._tokenizer = _build_backend(dict(vocab), [tuple(merge) for merge in merges or []])
         self._compile_word_patterns(str(bos_token), str(eos_token))
         kwargs.setdefault("add_bos_token", True)
         kwargs.setdefault("add_eos_token", True)
-        kwargs.pop("post_processor", None)  # rebuilt from add_bos_token/add_eos_token below
         super().__init__(
             bos_token=bos_token,
             eos_token=eos_token,
@@ -301,19 +336,85 @@ class HfClipTokenizer(TokenizersBackend):
     def _add_tokens(self, new_tokens: list[str | AddedToken], special_tokens: bool = False) -> int:
         # The pad token "!" is an ordinary vocabulary entry; as an added token the backend would cut every
         # "!" out of the text before BPE, so it is resolved through the BPE vocabulary instead.
+        # Only an ordinary BPE symbol is kept out: <start_of_text>/<end_of_text> are in the BPE vocabulary too,
+        # and as pad token (transformers' CLIP pads with <end_of_text>) they must stay added special tokens.
         pad_token = self._special_tokens_map.get("pad_token")
-        if pad_token is not None and self._tokenizer.model.token_to_id(str(pad_token)) is not None:
+        specials = {str(self._special_tokens_map.get(key)) for key in ("bos_token", "eos_token")}
+        if (
+            pad_token is not None
+            and str(pad_token) not in specials
+            and self._tokenizer.model.token_to_id(str(pad_token)) is not None
+        ):
             new_tokens = [token for token in new_tokens if str(token) != str(pad_token)]
+        self.__dict__.pop("_added_token_split", None)  # rebuilt from the new set by `words`
         return super()._add_tokens(new_tokens, special_tokens=special_tokens)
 
     # ---- text preparation -------------------------------------------------------------------------------
 
     def words(self, text: str) -> list[str]:
-        """Clean `text` and split it into OpenAI's words (pieces that BPE encodes independently)."""
+        """Clean `text` and split it into OpenAI's words (pieces that BPE encodes independently).
+
+        Tokens added with `add_tokens` / `add_special_tokens` are kept whole, as transformers does: those with
+        `normalized=False` (special tokens) are found in the raw text, the others in the cleaned text; each
+        becomes one word spelled as added, which the backend then matches.
+        """
+        split = self.__dict__.get("_added_token_split", False)
+        if split is False:
+            split = self.__dict__["_added_token_split"] = self._compile_added_token_split()
+        if split is None:
+            return self._plain_words(text)
+        raw_pattern, cleaned_pattern, spelling = split
+        words: list[str] = []
+        for index, piece in enumerate(raw_pattern.split(text) if raw_pattern is not None else [text]):
+            if index % 2:
+                words.append(piece)
+            elif cleaned_pattern is None:
+                words.extend(self._plain_words(piece))
+            else:
+                for position, part in enumerate(cleaned_pattern.split(clean_text(piece))):
+                    if position % 2:
+                        words.append(spelling[part])
+                    elif part:
+                        words.extend(self._word_pattern.findall(part))
+        return words
+
+    def _plain_words(self, text: str) -> list[str]:
         if self._ascii_word_pattern is not None and _is_plain_ascii(text):
             # Collapsing whitespace cannot change which pieces the pattern finds, so it is skipped here.
             return self._ascii_word_pattern.findall(text.lower())
         return self._word_pattern.findall(clean_text(text))
+
+    def _compile_added_token_split(self) -> tuple[Any, Any, dict[str, str]] | None:
+        """Patterns finding user-added tokens (raw text, cleaned text), longest first; None without any."""
+        own = {str(self.bos_token), str(self.eos_token)}
+        added = [
+            t
+            for t in self._tokenizer.get_added_tokens_decoder().values()
+            if t.content not in own and t.content
+        ]
+        if not added:
+            return None
+
+        def pattern(entries: list[tuple[str, bool]]) -> Any:
+            if not entries:
+                return None
+            entries = sorted(set(entries), key=lambda entry: -len(entry[0]))
+            alternatives = [
+                rf"(?<!\w){regex.escape(text)}(?!\w)" if single_word else regex.escape(text)
+                for text, single_word in entries
+            ]
+            return regex.compile("(" + "|".join(alternatives) + ")")
+
+        spelling: dict[str, str] = {}
+        cleaned_entries = []
+        for token in added:
+            if token.normalized:
+                cleaned = clean_text(token.content)
+                if cleaned:
+                    spelling.setdefault(cleaned, token.content)
+                    cleaned_entries.append((cleaned, token.single_word))
+        raw_entries = [(t.content, t.single_word) for t in added if not t.normalized]
+        return pattern(raw_entries), pattern(cleaned_entries), spelling
 
     def prepare_text(self, text: str) -> str:
         """The backend's input for `text`: its words joined by single spaces (no word contains one)."""
@@ -481,15 +582,26 @@ class HfClipTokenizer(TokenizersBackend):
         return BatchEncoding(data, n_sequences=1)
 
     def _decode(self, token_ids: int | list[int], skip_special_tokens: bool = False, **kwargs: Any) -> str:
-        # Trailing id 0 is padding: a word's last token always carries </w>, and id 0 ("!") does not.
+        # OpenAI's pad id 0 is the byte symbol "!", an ordinary vocabulary entry the backend never skips, so
+        # padding is removed here: trailing id 0 (a word's last token always carries </w>, and id 0 does
+        # not) and, for left padding, a run of id 0 right before <start_of_text> (which no word precedes).
+        # A pad token that is an added token (e.g. `pad_token = eos_token`) is the backend's to skip.
         if isinstance(token_ids, int):
             token_ids = [token_ids]
         if isinstance(token_ids, dict):
             token_ids = token_ids["input_ids"]
         token_ids = [int(token_id) for token_id in token_ids]
         pad_id = self.pad_token_id
-        while token_ids and token_ids[-1] == pad_id:
-            token_ids.pop()
+        if pad_id is not None and pad_id not in self._tokenizer.get_added_tokens_decoder():
+            end = len(token_ids)
+            while end and token_ids[end - 1] == pad_id:
+                end -= 1
+            start = 0
+            while start < end and token_ids[start] == pad_id:
+                start += 1
+            if start < end and token_ids[start] != self.bos_token_id:
+                start = 0
+            token_ids = token_ids[start:end]
         return super()._decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
 
     # ---- construction ---------------------------------------------------------------------------------
