@@ -117,6 +117,29 @@ def test_resume_continues_exactly(tmp_path):
     assert not list((run_dir / "checkpoints").glob("*.old"))  # the replaced one is gone
 
 
+def test_resume_refuses_other_batch_settings(tmp_path, capsys):
+    # A checkpoint counts batches: under another batch size it silently re-trained rows, and the optimizer and
+    # scheduler state it loads silently overrode a new --learning_rate.
+    run_pretraining(tiny_args(tmp_path, max_steps=2, checkpointing_steps=2))
+    changed = tiny_args(
+        tmp_path,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=0.05,
+        resume_from_checkpoint="latest",
+    )
+    with pytest.raises(
+        ValueError, match=r"--per_device_train_batch_size 8 -> 4; --learning_rate 0.001 -> 0.05"
+    ):
+        run_pretraining(changed)
+    # The same settings resume; a longer run is allowed (its schedule is recomputed over the new length).
+    capsys.readouterr()
+    run_pretraining(tiny_args(tmp_path, max_steps=3, resume_from_checkpoint="latest"))
+    out = capsys.readouterr().out
+    assert "resuming with --max_steps 2 -> 3" in out and "Resumed from" in out
+    assert len(logged_losses(tmp_path / "run")) == 3
+
+
 def test_bad_rows_are_skipped_and_counted(tmp_path):
     from datasets import Dataset
 
@@ -212,6 +235,40 @@ def test_webdataset_shards_streaming(tmp_path):
     assert [after[s] for s in (3, 4, 5)] == pytest.approx([uninterrupted[s] for s in (3, 4, 5)], abs=1e-6)
 
 
+def _swatches(path: Path, count: int, bad: set[int] = frozenset()) -> None:
+    from datasets import Dataset
+
+    rows = {"image": [], "caption": []}
+    for i in range(count):
+        image = io.BytesIO()
+        Image.new("RGB", (36, 36), (i * 5 % 256, 100, 200 - i * 4 % 200)).save(image, format="PNG")
+        rows["image"].append(b"corrupt" if i in bad else image.getvalue())
+        rows["caption"].append(f"a colour swatch number {i}")
+    Dataset.from_dict(rows).to_parquet(str(path))
+
+
+def test_streaming_resume_with_more_workers_than_shards(tmp_path):
+    # One parquet file is one shard: of 2 DataLoader workers only one has rows, so the batches do not alternate
+    # between workers, and a resume that assumed they did replayed a batch.
+    _swatches(tmp_path / "data.parquet", 80)
+
+    def args(name: str, **overrides) -> PretrainArguments:
+        stream = dict(dataset="parquet", data_files=str(tmp_path / "data.parquet"), streaming=True)
+        return tiny_args(tmp_path / name, shuffle_buffer=0, num_workers=2, max_steps=6, **stream, **overrides)
+
+    full = args("full", checkpointing_steps=3)
+    run_pretraining(full)
+    resumed = args(
+        "resumed", resume_from_checkpoint="latest", tokenizer=str(Path(full.output_dir) / "tokenizer")
+    )
+    shutil.copytree(
+        Path(full.output_dir) / "checkpoints" / "step_3", Path(resumed.output_dir) / "checkpoints" / "step_3"
+    )
+    run_pretraining(resumed)
+    uninterrupted, after = logged_losses(Path(full.output_dir)), logged_losses(Path(resumed.output_dir))
+    assert [after[s] for s in (4, 5, 6)] == pytest.approx([uninterrupted[s] for s in (4, 5, 6)], abs=1e-6)
+
+
 @pytest.mark.skipif(
     not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler on CPU"
 )
@@ -255,6 +312,18 @@ def test_gradcache_accumulation_runs(tmp_path):
         tiny_args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=4, max_steps=2)
     )
     assert len(logged_losses(tmp_path / "run")) == 2
+
+
+def test_batchnorm_towers_say_they_do_not_see_the_global_batch(tmp_path, capsys):
+    # The default ResNet normalises each micro-batch by its own statistics: 2 micro-batches of 4 (or 2 processes
+    # of 4) gave loss 2.326 where one batch of 8 gave 2.279, although the README said they were the same.
+    args = dict(model="tiny", image_size=None, gradient_accumulation_steps=2, per_device_train_batch_size=4)
+    run_pretraining(tiny_args(tmp_path / "resnet", max_steps=1, **args))
+    assert "this image tower uses BatchNorm" in capsys.readouterr().out
+    run_pretraining(
+        tiny_args(tmp_path / "vit", max_steps=1, gradient_accumulation_steps=2, per_device_train_batch_size=4)
+    )
+    assert "BatchNorm" not in capsys.readouterr().out
 
 
 def _launch(tmp_path: Path, extra: list[str], *launcher: str) -> subprocess.CompletedProcess:
@@ -318,6 +387,35 @@ def test_two_processes_bf16(tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["num_processes"] == 2
 
 
+def test_two_processes_resume_each_from_its_own_batch(tmp_path):
+    # Process 1's first batch holds only unreadable images, so it takes the next one and runs a batch ahead
+    # of process 0; resumed from the main process's position, it replayed a batch.
+    order = torch.randperm(48, generator=torch.Generator().manual_seed(0)).tolist()
+    _swatches(tmp_path / "data.parquet", 48, bad=set(order[4:8]))  # process 1's share of the first batch
+    data = [
+        "--dataset=parquet",
+        f"--data_files={tmp_path / 'data.parquet'}",
+        "--per_device_train_batch_size=4",
+    ]
+    full = _launch(
+        tmp_path / "full", [*data, "--checkpointing_steps=2"], *TWO_CPU_PROCESSES, "--main_process_port=29534"
+    )
+    assert full.returncode == 0, full.stderr[-3000:]
+    resumed_run = tmp_path / "resumed" / "run"
+    shutil.copytree(
+        tmp_path / "full" / "run" / "checkpoints" / "step_2", resumed_run / "checkpoints" / "step_2"
+    )
+    resumed = _launch(
+        tmp_path / "resumed",
+        [*data, "--resume_from_checkpoint=latest", f"--tokenizer={tmp_path / 'full' / 'run' / 'tokenizer'}"],
+        *TWO_CPU_PROCESSES,
+        "--main_process_port=29535",
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    uninterrupted, after = logged_losses(tmp_path / "full" / "run"), logged_losses(resumed_run)
+    assert after[3] == pytest.approx(uninterrupted[3], abs=1e-6)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_two_processes(tmp_path, stage):
     pytest.importorskip("deepspeed")
@@ -336,6 +434,39 @@ def test_deepspeed_zero_two_processes(tmp_path, stage):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_clamps_the_temperature_like_ddp(tmp_path, stage):
+    """A temperature that starts above 100 is clamped after step 1, so step 2 trains at 100, and the
+    optimizer's fp32 master copy is clamped too (ZeRO-3 used to train at 199.8 throughout; ZeRO-2 kept
+    a master value of 199 that pinned the temperature at 100 when the gradient wanted it lower)."""
+    pytest.importorskip("deepspeed")
+    import math
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from hf_clip import HfClipConfig
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    HfClipConfig(**TINY_MODEL, logit_scale_init_value=math.log(200.0)).to_json_file(tmp_path / "tiny.json")
+    config = ROOT / "examples" / "configs" / f"deepspeed_zero{stage}.yaml"
+    run = _launch(
+        tmp_path,
+        ["--checkpointing_steps=3"],
+        f"--config_file={config}",
+        "--mixed_precision=no",
+        "--num_processes=2",
+        f"--main_process_port={29550 + stage}",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["temperature"] == pytest.approx(200.0, rel=1e-4)
+    assert all(row["temperature"] <= 100.0 + 1e-3 for row in log[1:]), [row["temperature"] for row in log]
+    master = get_fp32_state_dict_from_zero_checkpoint(
+        str(tmp_path / "run" / "checkpoints" / "step_3"), tag="pytorch_model"
+    )
+    assert master["logit_scale"].item() <= math.log(100.0) + 1e-6
 
 
 def test_options_on_a_loaded_model_apply_or_say_why_not():
@@ -393,3 +524,96 @@ def test_every_pretrain_option_has_help_with_its_default():
     for option in dataclasses.fields(PretrainArguments):
         assert option.metadata.get("help"), f"--{option.name} has no help"
     assert "(default: outputs/pretrain)" in text and "(default: 0.2)" in text
+
+
+SLOW_RANK_SAVE = """
+import runpy, sys, time
+import accelerate.accelerator as accelerator_module
+
+original = accelerator_module.save_accelerator_state
+
+def slow_on_other_ranks(output_dir, *args, **kwargs):
+    process_index = args[4]  # (weights, optimizers, schedulers, dataloaders, process_index, ...)
+    if process_index != 0:
+        time.sleep(1.0)  # a process that is slower to write its RNG state (or DeepSpeed's optimizer partition)
+    return original(output_dir, *args, **kwargs)
+
+accelerator_module.save_accelerator_state = slow_on_other_ranks
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_checkpoint_waits_for_every_process_before_the_rename(tmp_path):
+    # accelerate's save_state has no barrier at its end: the main process renamed step_N.tmp while another
+    # process was still writing into it ("Parent directory .../step_2.tmp does not exist", seen with ZeRO-2).
+    wrapper = tmp_path / "slow_save.py"
+    wrapper.write_text(SLOW_RANK_SAVE)
+    args = tiny_args(tmp_path)
+    cli = [f"--{k}={v}" for k, v in vars(args).items() if v is not None and not isinstance(v, bool)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "ACCELERATE_USE_CPU": "true",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *TWO_CPU_PROCESSES,
+        "--main_process_port=29533",
+    ]
+    run = subprocess.run(
+        [
+            *cmd,
+            str(wrapper),
+            str(ROOT / "examples" / "pretrain.py"),
+            *cli,
+            "--max_steps=2",
+            "--checkpointing_steps=1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for step in (1, 2):
+        saved = tmp_path / "run" / "checkpoints" / f"step_{step}"
+        assert (saved / "random_states_0.pkl").exists() and (saved / "random_states_1.pkl").exists()
+
+
+def _png16(values, color_type: int) -> bytes:
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit RGB, and writes I;16 only as greyscale)."""
+    import struct
+    import zlib
+
+    height, width = values.shape[:2]
+    raw = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_sixteen_bit_images_keep_their_brightness():
+    import numpy as np
+
+    from hf_clip.training.data import decode_image
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    expected = np.asarray(decode_image(Image.fromarray((ramp >> 8).astype(np.uint8))), dtype=np.float64)
+    for name, data in {"grey": _png16(ramp, 0), "rgb": _png16(np.stack([ramp] * 3, -1), 2)}.items():
+        decoded = np.asarray(decode_image({"bytes": data, "path": None}), dtype=np.float64)
+        assert decoded.shape == (32, 32, 3), name
+        # Pillow's convert("RGB") clipped 16-bit greyscale at 255: 99.6% of the pixels came out white.
+        assert np.abs(decoded - expected).max() <= 1.0, name

@@ -5,7 +5,8 @@ micro-batch as negatives and the result differs from one big batch. GradCache in
 1. encodes every micro-batch without building a graph and caches the features;
 2. computes the loss over the whole accumulated batch and its gradient w.r.t. the cached features;
 3. re-encodes each micro-batch with a graph and back-propagates the cached feature gradients.
-Parameter gradients equal those of one big batch, while only one micro-batch's activations are alive.
+Parameter gradients equal those of one big batch, while only one micro-batch's activations are alive
+(except through BatchNorm, which normalises each micro-batch by its own statistics).
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..image_processing_hf_clip import _canonical_pil
+
 PIL_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, SyntaxError)
 
 
@@ -37,6 +39,9 @@ def decode_image(value: Any) -> Image.Image:
     else:
         raise ValueError(f"unsupported image value of type {type(value).__name__}")
     image.load()  # force the decode here, so a truncated file fails inside the try
+    # 16-bit and float images are scaled to 8 bits as the image processor does: Pillow's convert("RGB") clips
+    # them at 255, which turns almost every pixel of a 16-bit photograph white.
+    image = _canonical_pil(image, "image")
     return image.convert("RGB")
 
 
@@ -135,12 +140,19 @@ class StreamingCaptionDataset(_CaptionRows, torch.utils.data.IterableDataset):
             without_image_decoding(dataset, image_column), image_column, caption_column, *args, **kwargs
         )
         self.batch_size, self.start_batch = 1, 0
+        # Batches each DataLoader worker already delivered this epoch (recorded by the training loop). The
+        # DataLoader alternates between workers only while all of them have rows: with fewer shards than
+        # workers, or shards spread unevenly, `start_batch` alone does not say which worker made which batch.
+        self.worker_start: list[int] | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         self.dataset.set_epoch(self.epoch)
-        done = self.start_batch // workers + (worker < self.start_batch % workers)
+        if self.worker_start is not None:
+            done = self.worker_start[worker]
+        else:
+            done = self.start_batch // workers + (worker < self.start_batch % workers)
         for index, row in enumerate(self.dataset):
             if index >= done * self.batch_size:
                 yield self._example(row, index * workers + worker)  # distinct augmentation seeds per worker
@@ -154,7 +166,8 @@ class CaptionCollator:
 
     def __call__(self, rows: list[dict[str, Any] | None]) -> dict[str, Any]:
         good = [r for r in rows if r is not None]
-        batch: dict[str, Any] = {"num_skipped": len(rows) - len(good)}
+        info = torch.utils.data.get_worker_info()  # which worker made this batch: streams resume per worker
+        batch: dict[str, Any] = {"num_skipped": len(rows) - len(good), "worker": info.id if info else 0}
         if good:
             tokens = self.tokenizer(
                 [r["caption"] for r in good],

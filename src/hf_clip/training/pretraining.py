@@ -262,13 +262,37 @@ def _match_norm_buffers(model: torch.nn.Module) -> None:
 
 
 def clamp_temperature(model: HfClipModel, max_scale: float = 100.0) -> None:
-    """Clamp exp(logit_scale) at 100 after each step; under ZeRO-3 the value lives in the local partition."""
+    """Clamp exp(logit_scale) at 100 after each step; under ZeRO-3 the value lives in the local partition.
+
+    Under DeepSpeed the optimizer keeps its own fp32 copy of every parameter and writes it back into the
+    model after each step: that copy is clamped too, or it keeps growing past log(100) (the forward would
+    only ever see the clamped value, but the copy is what the optimizer continues from and what
+    zero_to_fp32 and universal checkpoints export)."""
+    _clamp_deepspeed_master(model.logit_scale, math.log(max_scale))
     partition = getattr(model.logit_scale, "ds_tensor", None)
     if partition is None:
         clamp_logit_scale(model, max_scale)
     else:
         with torch.no_grad():
             partition.clamp_(max=math.log(max_scale))
+            # A parameter this small is "persistent" under ZeRO-3: every process keeps it gathered in
+            # `.data`, re-gathered from the partitions only after the NEXT step, and forward reads `.data`.
+            # (Empty, so a no-op, for a parameter that is not persistent.)
+            model.logit_scale.data.clamp_(max=math.log(max_scale))
+
+
+def _clamp_deepspeed_master(param: torch.nn.Parameter, limit: float) -> None:
+    """Clamp this process's slice of DeepSpeed's fp32 master copy of `param` (ZeRO-1/2/3); no-op without
+    DeepSpeed. Local, no collective. (deepspeed.utils.safe_set_full_fp32_param fails under ZeRO-3 for a
+    parameter with fewer elements than processes, such as the 1-element logit scale.)"""
+    if hasattr(param, "ds_id") and hasattr(param, "_z3_optimizer"):  # ZeRO-3
+        fragment, _ = param._z3_optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=True)
+    elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16 optimizer: the fragment we own
+        fragment = param._hp_mapping.get_hp_fragment()
+    else:
+        return
+    with torch.no_grad():
+        fragment.clamp_(max=limit)
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
@@ -276,8 +300,65 @@ def _checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+# The options that fix which rows each step trains on and the schedule it follows: a checkpoint resumes only under
+# the same ones (a changed batch size or process count silently re-trained or skipped rows, and a changed
+# learning rate or schedule length was silently overridden by the optimizer and scheduler state loaded).
+RESUME_KEYS = (
+    "dataset",
+    "dataset_config",
+    "data_files",
+    "train_split",
+    "streaming",
+    "shuffle_buffer",
+    "train_samples",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "learning_rate",
+    "weight_decay",
+    "warmup_steps",
+    "loss",
+)
+# A run may be extended (or shortened): its cosine schedule is then recomputed over the new length.
+RESUME_LENGTH_KEYS = ("max_steps", "num_train_epochs")
+
+
+def _resume_settings(args: PretrainArguments, num_processes: int) -> dict[str, Any]:
+    keys = RESUME_KEYS + RESUME_LENGTH_KEYS
+    return {**{k: getattr(args, k) for k in keys}, "num_processes": num_processes}
+
+
+def _check_resume_settings(
+    path: Path, saved: dict[str, Any] | None, current: dict[str, Any], accelerator: Any
+) -> None:
+    if saved is None:  # a checkpoint from before the settings were recorded
+        return
+    changed = [
+        f"--{k} {saved[k]!r} -> {current[k]!r}" for k in current if k in saved and saved[k] != current[k]
+    ]
+    longer = [c for c in changed if c.split()[0][2:] in RESUME_LENGTH_KEYS]
+    if longer:
+        accelerator.print(
+            f"Note: resuming with {'; '.join(longer)}: the learning-rate schedule is recomputed over the new length."
+        )
+    changed = [c for c in changed if c not in longer]
+    if changed:
+        raise ValueError(
+            f"{path} was written with other settings than this run: {'; '.join(changed)}. Resuming would "
+            "train on other rows or another schedule than the checkpointed run. Rerun with its settings "
+            "(num_processes: the launcher's --num_processes), or start a new --output_dir."
+        )
+
+
 def _save_checkpoint(
-    accelerator: Any, output_dir: Path, step: int, epoch: int, batch_in_epoch: int, skipped: int
+    accelerator: Any,
+    output_dir: Path,
+    step: int,
+    epoch: int,
+    batch_in_epoch: int,
+    skipped: int,
+    worker_batches: list[list[int]] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> None:
     """Full state via accelerate into step_N.tmp, then an atomic rename: readers never see a partial one."""
     final = output_dir / "checkpoints" / f"step_{step}"
@@ -286,9 +367,21 @@ def _save_checkpoint(
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # save_state has no barrier at its end: every process writes its own files (RNG states, DeepSpeed's
+    # optimizer partitions), so the folder is complete only once all of them are done.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "progress.json").write_text(
-            json.dumps({"step": step, "epoch": epoch, "batch": batch_in_epoch, "skipped": skipped})
+            json.dumps(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "batch": batch_in_epoch,
+                    "skipped": skipped,
+                    "worker_batches": worker_batches,
+                    "settings": settings,
+                }
+            )
         )
         # A run resumed from an earlier step writes this step again. A folder cannot be renamed over a full
         # one, so the old one is moved aside first and deleted only once the new one is in place.
@@ -363,6 +456,14 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     processor = HfClipProcessor(image_processor=image_processor, tokenizer=tokenizer)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()) and (
+        accelerator.num_processes > 1 or args.gradient_accumulation_steps > 1
+    ):
+        accelerator.print(
+            "Note: this image tower uses BatchNorm, which normalises over each process's micro-batch of "
+            f"{args.per_device_train_batch_size} images: losses and gradients are not those of one process on "
+            "the global batch (they are for a ViT image tower)."
+        )
 
     transform = image_processor.train_transform(scale=(args.crop_scale, 1.0))
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -438,6 +539,10 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     collate = CaptionCollator(tokenizer, context)
 
     step, epoch, start_batch, skipped_before = 0, 0, 0, 0
+    num_loader_workers = max(1, args.num_workers)
+    # Batches taken from each DataLoader worker of this process in the current epoch (streams resume by it).
+    worker_batches = [0] * num_loader_workers
+    resume_worker_start: list[int] | None = None  # None: checkpoints from before this was recorded
     found = _checkpoints(output_dir)
     if args.resume_from_checkpoint == "latest" and not found:
         # One command for a preemptible job, first launch included (open_clip's --resume latest).
@@ -448,10 +553,29 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
             raise FileNotFoundError(
                 f"No complete checkpoint at {path}; checkpoints: {[p.name for p in found]}."
             )
-        accelerator.load_state(str(path))
         progress = json.loads((path / "progress.json").read_text())
+        _check_resume_settings(path, progress.get("settings"), _resume_settings(args, world), accelerator)
+        accelerator.load_state(str(path))
         step, epoch, start_batch = progress["step"], progress["epoch"], progress["batch"]
         skipped_before = progress.get("skipped", 0)
+        saved_workers = progress.get("worker_batches")  # [process][worker]: batches taken this epoch
+        if saved_workers is not None:
+            if len(saved_workers) != world:
+                raise ValueError(
+                    f"{path} was written by {len(saved_workers)} process(es); resume it with as many."
+                )
+            # This process's own position: processes drift apart when one of them gets a batch whose rows
+            # were all skipped (it takes the next one), so the main process's count is not everyone's.
+            start_batch = sum(saved_workers[rank])
+            worker_batches[0] = start_batch
+            if args.streaming:
+                if len(saved_workers[rank]) != num_loader_workers:
+                    raise ValueError(
+                        f"{path} was written with --num_workers {len(saved_workers[rank])}; a stream resumes "
+                        "exactly only with the same number of DataLoader workers."
+                    )
+                worker_batches = list(saved_workers[rank])
+                resume_worker_start = list(worker_batches)
         accelerator.print(f"Resumed from {path} at step {step}.")
 
     if accelerator.log_with:
@@ -473,6 +597,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         )
         if args.streaming:
             train_rows.batch_size, train_rows.start_batch = args.per_device_train_batch_size, start_batch
+            train_rows.worker_start = resume_worker_start if start_batch else None
             return torch.utils.data.DataLoader(
                 train_rows, batch_size=args.per_device_train_batch_size, **common
             )
@@ -540,6 +665,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
                     exhausted = True
                     break
                 batch_in_epoch += 1
+                worker_batches[batch.pop("worker")] += 1
                 skipped += batch.pop("num_skipped")
                 if "input_ids" in batch:
                     micro.append({k: v.to(accelerator.device) for k, v in batch.items()})
@@ -587,7 +713,18 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
                 window = dict.fromkeys(window, 0.0)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 dropped = int(accelerator.reduce(skipped.to(accelerator.device), "sum"))
-                _save_checkpoint(accelerator, output_dir, step, epoch, batch_in_epoch, dropped)
+                per_process = accelerator.gather(torch.tensor(worker_batches, device=accelerator.device))
+                per_process = per_process.view(world, num_loader_workers).tolist()
+                _save_checkpoint(
+                    accelerator,
+                    output_dir,
+                    step,
+                    epoch,
+                    batch_in_epoch,
+                    dropped,
+                    per_process,
+                    _resume_settings(args, world),
+                )
             if args.eval_steps and step % args.eval_steps == 0 and eval_data is not None:
                 metrics = evaluate(raw_model, tokenizer, image_processor, eval_data, args, accelerator)
                 accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
@@ -604,6 +741,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
                     f"({args.caption_column!r}) and the data itself."
                 )
             epoch, start_batch = epoch + 1, 0
+            worker_batches = [0] * num_loader_workers
     progress.close()
 
     total_skipped = int(accelerator.reduce(skipped.to(accelerator.device), "sum"))
