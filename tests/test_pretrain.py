@@ -94,8 +94,14 @@ def test_resume_continues_exactly(tmp_path):
     # A save killed half-way leaves a .tmp folder: it must never be picked up as "latest".
     (run_dir / "checkpoints" / "step_5.tmp").mkdir()
     assert [p.name for p in _checkpoints(run_dir)] == ["step_3"]
+    # The killed run had logged steps 4 and 5 already: a resume drops them instead of logging them twice.
+    (run_dir / "train_log.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": -1.0}) + "\n" for s in (1, 2, 3, 4, 5))
+    )
     run_pretraining(resumed_args)
-    resumed = logged_losses(run_dir)
+    steps = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    resumed = {s: loss for s, loss in logged_losses(run_dir).items() if s > 3}
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-6), step
@@ -617,3 +623,22 @@ def test_sixteen_bit_images_keep_their_brightness():
         assert decoded.shape == (32, 32, 3), name
         # Pillow's convert("RGB") clipped 16-bit greyscale at 255: 99.6% of the pixels came out white.
         assert np.abs(decoded - expected).max() <= 1.0, name
+
+
+def test_missing_tokenizer_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--tokenizer .*no tokenizer folder there"):
+        run_pretraining(tiny_args(tmp_path, max_steps=1, tokenizer=str(tmp_path / "no_such_dir")))
+
+
+def test_final_save_never_leaves_a_half_written_model(tmp_path, monkeypatch):
+    from hf_clip import HfClipProcessor
+
+    def fail(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(HfClipProcessor, "save_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):
+        run_pretraining(tiny_args(tmp_path, max_steps=1))
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "model.safetensors").exists() and not (run_dir / "config.json").exists()
+    assert not list(run_dir.glob(".model.tmp.*"))

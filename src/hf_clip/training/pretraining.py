@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..cards import write_text_atomic
 from ..configuration_hf_clip import HfClipConfig
 from ..modeling_hf_clip import HfClipModel
 from .accumulation import average_gradients, contrastive_accumulation_step
@@ -430,7 +432,14 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     # Tokenizer: given, from the pretrained model dir, or trained on the captions (main process, then shared).
     pretrained_dir = Path(args.model) if Path(args.model).is_dir() else None
     if args.tokenizer or pretrained_dir:
-        tokenizer = HfClipTokenizer.from_pretrained(args.tokenizer or pretrained_dir)
+        source = args.tokenizer or pretrained_dir
+        try:
+            tokenizer = HfClipTokenizer.from_pretrained(source)
+        except OSError as err:  # transformers' message for a missing folder talks about Hub repo ids
+            raise FileNotFoundError(
+                f"--tokenizer {str(source)!r}: no tokenizer folder there (tokenizer.json or vocab + merges). "
+                "Pass a folder written by save_pretrained, or leave --tokenizer out to train one on the captions."
+            ) from err
     else:
         tok_dir = output_dir / "tokenizer"
         if accelerator.is_main_process and not (
@@ -557,6 +566,10 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         _check_resume_settings(path, progress.get("settings"), _resume_settings(args, world), accelerator)
         accelerator.load_state(str(path))
         step, epoch, start_batch = progress["step"], progress["epoch"], progress["batch"]
+        log_file = output_dir / "train_log.jsonl"
+        if accelerator.is_main_process and log_file.exists():  # drop the lines of steps about to be rerun
+            kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= step]
+            write_text_atomic(log_file, "".join(line + "\n" for line in kept))
         skipped_before = progress.get("skipped", 0)
         saved_workers = progress.get("worker_batches")  # [process][worker]: batches taken this epoch
         if saved_workers is not None:
@@ -756,8 +769,16 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         }  # torch.compile's wrapper
         state_dict = {k: v.reshape(()) if k in scalars_names else v for k, v in state_dict.items()}
     if accelerator.is_main_process:
-        raw_model.save_pretrained(output_dir, state_dict=state_dict)
-        processor.save_pretrained(output_dir)
+        # Written beside the run's other files, then moved in file by file: a crash never leaves a
+        # half-written model.safetensors (a previous model's files stay whole until replaced).
+        staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".model.tmp."))
+        try:
+            raw_model.save_pretrained(staging, state_dict=state_dict)
+            processor.save_pretrained(staging)
+            for entry in sorted(staging.iterdir()):
+                os.replace(entry, output_dir / entry.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     metrics = (
         evaluate(raw_model, tokenizer, image_processor, eval_data, args, accelerator) if eval_data else {}
     )
