@@ -532,3 +532,23 @@ def test_bias_cli(tmp_path):
     assert written["tables"]["denigration"]["crime"]["overall"]["total"] == 12
     assert written["metrics"] == pytest.approx(results["metrics"])
     assert (tmp_path / "out" / "bias_data_denigration.png").is_file()
+
+
+def test_cli_missing_column_names_the_bias_flag_before_loading_the_model(tmp_path, monkeypatch):
+    # The error used to point at --image_column/--label_column/--caption_column (flags of other tasks) and
+    # came only after the model had been loaded.
+    import argparse
+
+    from hf_clip.evaluation import bias_cli
+    from hf_clip.evaluation.bias_cli import add_bias_parser
+
+    synthetic_fairface(4).rename_column("race", "ethnicity").save_to_disk(str(tmp_path / "data"))
+    parser = argparse.ArgumentParser()
+    add_bias_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        ["bias", "--model", str(tmp_path / "no-model"), "--dataset", str(tmp_path / "data")]
+    )
+    monkeypatch.setattr(bias_cli, "_load_model", lambda args: pytest.fail("loaded the model first"))
+    with pytest.raises(ValueError, match=r"'race' \(--race-column\) not found.*ethnicity") as error:
+        args.func(args)
+    assert "--label_column" not in str(error.value)

@@ -244,3 +244,24 @@ def test_template_ships_with_the_package():
     setup = configparser.ConfigParser()
     setup.read(REPO / "setup.cfg")
     assert "model_card_template.md" in setup["options.package_data"]["hf_clip"]
+
+
+def test_measured_results_keep_their_split_and_sample_cut(tmp_path):
+    # Runs on two splits of one dataset (or on a --max_samples cut) were filed as one model-index entry with
+    # two contradicting "Top-1 accuracy" values and nothing saying which was which.
+    def result(split, top1, max_samples=None):
+        config = {"split": split, **({"max_samples": max_samples} if max_samples else {})}
+        return {"task": "zero-shot", "model": "m", "dataset": "colours", "metrics": {"top1_accuracy": top1},
+                "config": config}  # fmt: skip
+
+    text = render_card("ViT-B-32", [result("test", 0.25), result("train", 0.8333, max_samples=12)])
+    _, entries = model_index_to_eval_results(ModelCard(text).data.to_dict()["model-index"])
+    measured = {e.dataset_split: e for e in entries if e.dataset_name == "colours"}
+    assert set(measured) == {"test", "train"}
+    assert measured["test"].metric_value == 25.0
+    assert measured["test"].metric_name == "Top-1 accuracy (measured with hf_clip)"
+    assert (
+        measured["train"].metric_name
+        == "Top-1 accuracy (measured with hf_clip on the first 12 examples only)"
+    )
+    assert "| zero-shot | colours (train split), first 12 examples | Top-1 accuracy | 83.33 |" in text

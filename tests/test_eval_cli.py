@@ -325,3 +325,64 @@ def test_console_errors_are_one_line(model_dir, data, tmp_path, capsys, monkeypa
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cifar10").mkdir()
     assert _classnames(argparse.Namespace(classnames="cifar10")) == get_classnames("cifar10")
+
+
+def test_robustness_sample_missing_some_classes_is_scored_over_all_its_classes(loaded):
+    # A shifted dataset whose ClassLabel names every reference class still covers all of them when the
+    # evaluated sample (--max_samples, a filtered copy) holds images of only some: scoring it over the
+    # present classes alone inflated its accuracy, so an identical copy of the reference showed a gap.
+    from hf_clip.evaluation import evaluate_robustness, evaluate_zero_shot
+
+    model, processor = loaded
+    names = list(COLOURS)
+    images = [_image(COLOURS[n], 300 + i) for i, n in enumerate(names * 3)]
+    logits = zero_shot_logits(model, processor, images, names)
+    favoured = int(np.bincount(logits.argmax(1), minlength=3).argmax())  # the untrained model's pet class
+    logits[:, favoured] = -np.inf
+    # Label every image with its best class other than the favoured one: no image shows the favoured class,
+    # and every image predicted as it is wrong over the 3 classes but right over the 2 present ones.
+    sample = Dataset.from_dict(
+        {"image": images, "label": logits.argmax(1).tolist()},
+        features=Features({"image": Image(), "label": ClassLabel(names=names)}),
+    )
+    result = evaluate_robustness(model, processor, {"in": sample, "copy": sample})
+    in_dist, copy = result.per_dataset["in"], result.per_dataset["copy"]
+    assert in_dist["top1_accuracy"] < 1
+    assert copy["top1_accuracy"] == in_dist["top1_accuracy"] and copy["top1_accuracy_gap"] == 0
+    assert result.config["num_classes_scored"] == {"in": 3, "copy": 3}
+    expected = evaluate_zero_shot(model, processor, sample)
+    assert in_dist["top1_accuracy"] == pytest.approx(expected.metrics["top1_accuracy"])
+
+
+def zero_shot_logits(model, processor, images, names):
+    weights = text_embeds(model, processor, [f"a photo of a {n}." for n in names])
+    return (image_embeds(model, processor, images) @ weights.T).numpy()
+
+
+@pytest.mark.parametrize("missing", ["everything", "model.safetensors", "processor_config.json"])
+def test_incomplete_model_folder_is_a_one_line_error(model_dir, data, tmp_path, capsys, missing):
+    # A folder that is not a saved model (or lacks its weights or image processor) ended in an OSError
+    # traceback from transformers instead of the CLI's one-line error.
+    import shutil
+
+    folder = tmp_path / "model"
+    if missing == "everything":
+        folder.mkdir()
+    else:
+        shutil.copytree(model_dir, folder)
+        for path in folder.glob(missing):
+            path.unlink()
+    argv = ["eval", "zero-shot", "--model", str(folder), "--dataset", str(data / "colours")]
+    assert hf_clip_main([*argv, "--num_workers", "0", "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hf-clip eval: error: --model") and "hf-clip convert" in last
+
+
+def test_max_samples_is_recorded_in_the_results(model_dir, data, tmp_path):
+    # A --max_samples cut was reported like a run on the whole split (and filed so in model cards).
+    argv = ["zero-shot", "--model", str(model_dir), "--dataset", str(data / "colours"), "--max_samples", "4"]
+    record = run(argv, tmp_path / "out")
+    assert record["config"]["max_samples"] == 4 and record["config"]["num_examples"] == 4
+    assert "max_samples" not in run(argv[:-2], tmp_path / "all")["config"]

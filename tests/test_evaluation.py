@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 
 from hf_clip.evaluation import (
@@ -525,3 +525,52 @@ def test_save_result_writes_json_markdown_png(tmp_path):
     assert "| in | 80.00 | n/a |" in markdown and "| shift | 60.00 | -20.00 |" in markdown
     assert save_result(multi, tmp_path / "multi")["plot"].read_bytes()[:4] == b"\x89PNG"
     assert save_result(multi, tmp_path / "out")["plot"].stat().st_size > 0
+
+
+def test_align_labels_keeps_repeated_names_and_synonym_lists_apart():
+    # ImageNet's published names hold two "missile" and two "sunglasses" classes; fer2013's hold synonym lists.
+    names = ["missile", ["happy", "smiling"], "missile", "sunglasses", "sunglasses"]
+    info = LabelInfo(np.array([0, 1, 2, 3, 4]), names, names)
+    assert align_labels(info, info).tolist() == [0, 1, 2, 3, 4]
+    subset = LabelInfo(np.array([0, 0]), ["missile"], ["missile"])
+    with pytest.raises(ValueError, match="more than once"):
+        align_labels(subset, info)
+    reordered = [["happy", "smiling"], "missile"]
+    unique = ["missile", ["happy", "smiling"], "c"]
+    assert align_labels(
+        LabelInfo(np.array([0, 1]), reordered, reordered), LabelInfo(np.arange(3), unique, unique)
+    ).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("names", [["missile", "b", "missile", "d"], ["a", ["b", "bee"], "c", "d"]])
+def test_linear_probe_with_integer_labels_and_shipped_style_classnames(names):
+    # `--classnames imagenet1k` (repeated names) merged one class's labels into its namesake's; `--classnames
+    # fer2013` (synonym lists) crashed with "unhashable type: 'list'".
+    torch.manual_seed(0)
+    features = Features({"image": Image(), "label": Value("int64")})
+    images = [PILImage.new("RGB", (8, 8), (60 * c, 255 - 60 * c, (90 * c) % 256)) for c in range(4)]
+    train = Dataset.from_dict({"image": images * 5, "label": list(range(4)) * 5}, features=features)
+    test = Dataset.from_dict({"image": images, "label": list(range(4))}, features=features)
+    processor = type("Processor", (), {"image_processor": _ToTensorProcessor()})()
+    result = evaluate_linear_probe(
+        _LinearImageModel(), processor, train, test, classnames=names, feature="projected", max_iter=200
+    )
+    assert len(result.per_class) == 4 and all(recall is not None for recall in result.per_class.values())
+
+
+def test_saved_results_and_feature_cache_get_the_usual_file_mode(tmp_path):
+    # mkstemp creates its file 0600; renamed over the final name, results in a shared folder were unreadable
+    # by anyone else (0644 expected under the usual umask 022).
+    from hf_clip._io import atomic_write_text
+    from hf_clip.evaluation.features import _save_cached
+
+    old = os.umask(0o022)
+    try:
+        result = EvalResult(task="zero-shot", model="m", dataset="d", metrics={"top1_accuracy": 0.5})
+        paths = list(save_result(result, tmp_path / "out").values())
+        _save_cached(tmp_path / "cache" / "f.safetensors", torch.zeros(2, 3), {"kind": "image"})
+        paths += [tmp_path / "cache" / "f.safetensors", atomic_write_text(tmp_path / "a" / "bias.md", "text")]
+    finally:
+        os.umask(old)
+    assert len(paths) == 5 and {oct(p.stat().st_mode & 0o777) for p in paths} == {"0o644"}
+    assert not list(tmp_path.rglob("*.tmp"))

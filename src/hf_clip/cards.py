@@ -14,7 +14,6 @@ import json
 import os
 import re
 import string
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -23,6 +22,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
+from ._io import atomic_write_text
 from .configuration_hf_clip import HfClipConfig, resolve_preset_name
 
 PAPER_URL = "https://arxiv.org/abs/2103.00020"
@@ -166,11 +166,26 @@ def _dataset_type(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._/-]+", "-", name) or "dataset"
 
 
+def _split_and_cut(result: dict[str, Any]) -> tuple[str | None, int | None]:
+    """The split a result was measured on and its ``--max_samples`` cut (None when it used every row)."""
+    config = result.get("config") or {}
+    split = config.get("split", result.get("split"))
+    cut = config.get("max_samples", result.get("max_samples"))
+    return (str(split) if split else None), (int(cut) if cut is not None else None)
+
+
+def _measured_by(result: dict[str, Any]) -> str:
+    _, cut = _split_and_cut(result)
+    return "measured with hf_clip" + (f" on the first {cut} examples only" if cut is not None else "")
+
+
 def measured_eval_results(results: Sequence[dict[str, Any]]) -> list[EvalResult]:
-    """model-index entries for measured metrics (percentages, like the paper's figures)."""
+    """model-index entries for measured metrics (percentages, like the paper's figures), filed under the split
+    they were measured on; a ``--max_samples`` run says so in its metric names."""
     entries = []
     for result in results:
         task_type, task_name = _TASKS[result["task"]]
+        split, _ = _split_and_cut(result)
         for dataset, metrics in _model_index_metrics(result):
             for key, value in metrics.items():
                 if not isinstance(value, (int, float)) or value != value:  # skip NaN and non-numbers
@@ -181,8 +196,9 @@ def measured_eval_results(results: Sequence[dict[str, Any]]) -> list[EvalResult]
                         task_name=task_name,
                         dataset_type=_dataset_type(dataset),
                         dataset_name=str(dataset),
+                        dataset_split=split,
                         metric_type=key,
-                        metric_name=f"{_metric_name(key)} (measured with hf_clip)",
+                        metric_name=f"{_metric_name(key)} ({_measured_by(result)})",
                         metric_value=round(100 * float(value), 2),
                     )
                 )
@@ -228,11 +244,15 @@ def _measured_section(results: Sequence[dict[str, Any]]) -> str:
     for result in results:
         if result["task"] == "bias":
             continue
+        split, cut = _split_and_cut(result)
+        where = (f" ({split} split)" if split else "") + (
+            f", first {cut} examples" if cut is not None else ""
+        )
         for dataset, metrics in _model_index_metrics(result):
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and value == value:
                     rows.append(
-                        f"| {result['task']} | {dataset} | {_metric_name(key)} | {100 * float(value):.2f} |"
+                        f"| {result['task']} | {dataset}{where} | {_metric_name(key)} | {100 * float(value):.2f} |"
                     )
     if not rows:
         return ""
@@ -286,23 +306,9 @@ def card_path(directory: str | os.PathLike, name: str) -> Path:
     return Path(directory) / f"{paper_model(name).name}.md"
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
 def write_paper_cards(directory: str | os.PathLike) -> list[Path]:
     """(Re)generate the nine committed cards, `model_cards/<name>.md`."""
-    return [write_text_atomic(card_path(directory, name), render_card(name)) for name in PAPER_MODELS]
+    return [atomic_write_text(card_path(directory, name), render_card(name)) for name in PAPER_MODELS]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -360,7 +366,7 @@ def run_card(args: argparse.Namespace) -> Path:
     else:
         name = identify_paper_model(HfClipConfig.from_pretrained(model_dir)).name
     results = [load_results(p) for p in args.results]
-    path = write_text_atomic(
+    path = atomic_write_text(
         Path(args.output) if args.output else model_dir / "README.md", render_card(name, results)
     )
     print(f"Wrote the {name} card to {path}")

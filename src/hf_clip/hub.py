@@ -15,10 +15,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ._io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -107,15 +108,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def check_model_folder(model_dir: str | os.PathLike) -> Path:
@@ -186,7 +179,7 @@ def _add_auto_map(section: dict[str, Any], auto_classes: Sequence[str]) -> None:
 def _ensure_card(model_dir: Path, results: Sequence[str | os.PathLike]) -> None:
     if (model_dir / "README.md").is_file() and not results:
         return
-    from .cards import identify_paper_model, load_results, render_card, write_text_atomic
+    from .cards import identify_paper_model, load_results, render_card
     from .configuration_hf_clip import HfClipConfig
 
     try:
@@ -196,7 +189,7 @@ def _ensure_card(model_dir: Path, results: Sequence[str | os.PathLike]) -> None:
             raise
         logger.warning("No model card written: %s Write README.md yourself before sharing the model.", err)
         return
-    write_text_atomic(model_dir / "README.md", render_card(name, [load_results(p) for p in results]))
+    atomic_write_text(model_dir / "README.md", render_card(name, [load_results(p) for p in results]))
 
 
 def push_folder(

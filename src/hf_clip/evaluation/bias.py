@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .._io import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -406,6 +407,42 @@ def _denigration_categories(
     return predicted, categorize(predicted, config)
 
 
+def check_bias_columns(
+    dataset: Any,
+    probes: Sequence[str],
+    image_column: str = "image",
+    race_column: str = "race",
+    gender_column: str = "gender",
+    age_column: str = "age",
+    identity_column: str | None = None,
+) -> dict[str, str]:
+    """Fail, naming the flag that picks each missing column, before any model work; returns the
+    attribute -> column map of the demographic probes (empty when only the identity probe runs)."""
+    from .loading import check_dataset
+
+    if "identity" in probes and not identity_column:
+        raise ValueError(
+            "The identity probe needs --identity-column naming the column with each person's name."
+        )
+    needs_demographics = any(p in probes for p in ("demographic", "denigration", "child"))
+    columns = {"race": race_column, "gender": gender_column, "age": age_column} if needs_demographics else {}
+    wanted = {"image": image_column, **columns}
+    if "identity" in probes:
+        wanted["identity"] = identity_column
+    check_dataset(dataset, [], name="the bias-probe dataset")  # refuses an empty one
+    missing = [
+        f"{column!r} (--{role}-column)"
+        for role, column in wanted.items()
+        if column not in dataset.column_names
+    ]
+    if missing:
+        raise ValueError(
+            f"Column(s) {', '.join(missing)} not found in the bias-probe dataset; available columns: "
+            f"{', '.join(dataset.column_names)}. Name the right ones with the flags shown."
+        )
+    return columns
+
+
 def run_bias_probes(
     model: Any,
     processor: Any,
@@ -431,25 +468,18 @@ def run_bias_probes(
     Image embeddings are computed once and shared by every probe.
     """
     from .features import FeatureOptions
-    from .loading import check_dataset, prepare_image_column
+    from .loading import prepare_image_column
 
     config = config or BiasProbeConfig()
     unknown = sorted(set(probes) - set(PROBES))
     if unknown or not probes:
         raise ValueError(f"Unknown or no probes {unknown or list(probes)}; choose from {PROBES}.")
-    if "identity" in probes and not identity_column:
-        raise ValueError(
-            "The identity probe needs --identity-column naming the column with each person's name."
-        )
-
-    needs_demographics = any(p in probes for p in ("demographic", "denigration", "child"))
-    columns = {"race": race_column, "gender": gender_column, "age": age_column} if needs_demographics else {}
-    check_dataset(
-        dataset, [image_column, *columns.values(), *([identity_column] if "identity" in probes else [])]
+    columns = check_bias_columns(
+        dataset, probes, image_column, race_column, gender_column, age_column, identity_column
     )
     dataset = prepare_image_column(dataset, image_column)
     attributes: dict[str, list[str]] = {}
-    if needs_demographics:
+    if columns:
         for attribute, column in columns.items():
             attributes[attribute] = attribute_values(dataset, column)
             _check_known(attributes[attribute], getattr(config, f"{attribute}_labels"), attribute)
@@ -670,14 +700,10 @@ def plot_bias(results: dict[str, Any], output_dir: str | os.PathLike, stem: str 
     def save(fig: Any, probe: str) -> None:
         fig.tight_layout()
         path = output_dir / f"{stem}_{probe}.png"
-        tmp = output_dir / f".{stem}_{probe}.tmp.png"
         try:
-            fig.savefig(tmp, dpi=100)
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         finally:
             plt.close(fig)
-            if tmp.exists():
-                tmp.unlink()
         written[probe] = path
 
     if "demographic" in tables:
@@ -723,13 +749,6 @@ def plot_bias(results: dict[str, Any], output_dir: str | os.PathLike, stem: str 
     return written
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_bias_report(
     results: dict[str, Any], output_dir: str | os.PathLike, stem: str = "bias"
 ) -> dict[str, Path]:
@@ -737,8 +756,8 @@ def write_bias_report(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / f"{stem}.json", "markdown": output_dir / f"{stem}.md"}
-    _atomic_write_text(paths["json"], json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
-    _atomic_write_text(paths["markdown"], bias_markdown(results))
+    atomic_write_text(paths["json"], json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(paths["markdown"], bias_markdown(results))
     for probe, path in plot_bias(results, output_dir, stem).items():
         paths[f"plot_{probe}"] = path
     return paths

@@ -10,7 +10,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .bias import DEFAULT_PROBES, PROBES, BiasProbeConfig, run_bias_probes, write_bias_report
+from .bias import (
+    DEFAULT_PROBES,
+    PROBES,
+    BiasProbeConfig,
+    check_bias_columns,
+    run_bias_probes,
+    write_bias_report,
+)
 from .cli import _common_parser, _data_parser, _dataset_name, _flag, _load, _load_model, _run_kwargs
 from .reporting import _slug
 
@@ -48,6 +55,15 @@ def add_bias_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_bias(args: argparse.Namespace) -> dict[str, Any]:
     config = BiasProbeConfig.from_json(args.config) if args.config else BiasProbeConfig()
     dataset = _load(args, args.dataset, args.split)
+    check_bias_columns(  # before the model loads
+        dataset,
+        args.probes,
+        args.image_column,
+        args.race_column,
+        args.gender_column,
+        args.age_column,
+        args.identity_column,
+    )
     model, processor = _load_model(args)
     name = _dataset_name(args.dataset)
     results = run_bias_probes(
@@ -65,6 +81,8 @@ def run_bias(args: argparse.Namespace) -> dict[str, Any]:
         **_run_kwargs(args),
     )
     results["split"] = args.split
+    if args.max_samples is not None:
+        results["max_samples"] = args.max_samples
     paths = write_bias_report(results, args.output_dir, stem=f"bias_{_slug(name)}")
     summary = ", ".join(f"{k}={100 * v:.1f}%" for k, v in results["metrics"].items())
     print(f"bias probes on {name}: {summary}")

@@ -208,13 +208,25 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         raise FileNotFoundError(
             f"--model {args.model} is not a directory; pass a save_pretrained model folder."
         )
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model {args.model} has no config.json, so it is not a save_pretrained hf_clip folder; convert "
+            "a checkpoint into one with `hf-clip convert SRC OUT_DIR` and pass OUT_DIR."
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = HfClipModel.from_pretrained(str(model_dir)).to(device).eval()
-    # Built from its parts so loading needs no Auto-class registration of the image processor.
-    processor = HfClipProcessor(
-        image_processor=HfClipImageProcessor.from_pretrained(str(model_dir)),
-        tokenizer=HfClipTokenizer.from_pretrained(str(model_dir)),
-    )
+    try:
+        model = HfClipModel.from_pretrained(str(model_dir)).to(device).eval()
+        # Built from its parts so loading needs no Auto-class registration of the image processor.
+        processor = HfClipProcessor(
+            image_processor=HfClipImageProcessor.from_pretrained(str(model_dir)),
+            tokenizer=HfClipTokenizer.from_pretrained(str(model_dir)),
+        )
+    except OSError as err:  # missing weights, tokenizer or image-processor files
+        raise FileNotFoundError(
+            f"--model {args.model} is not a complete hf_clip folder ({str(err).splitlines()[0]}); it needs the "
+            "weights, tokenizer and image processor that `hf-clip convert` or save_pretrained of the model "
+            "and its processor write."
+        ) from err
     args.device = device
     return model, processor
 
@@ -378,6 +390,8 @@ def run_eval(args: argparse.Namespace) -> int:
             "hf-clip eval: choose an evaluation (zero-shot, linear-probe, retrieval, robustness)."
         )
     result = eval_func(args)
+    if args.max_samples is not None:  # a cut of the split, not the whole: model cards must say so
+        result.config["max_samples"] = args.max_samples
     paths = save_result(result, args.output_dir)
     summary = ", ".join(f"{k}={100 * v:.2f}%" for k, v in result.metrics.items() if isinstance(v, float))
     print(f"{result.task} on {result.dataset}: {summary}")

@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .._io import atomic_write
 from ..zero_shot._encode import as_tensor, context_length, eval_mode, model_device
 
 logger = logging.getLogger(__name__)
@@ -101,15 +101,7 @@ def _load_cached(path: Path | None, expected_rows: int) -> torch.Tensor | None:
 def _save_cached(path: Path | None, features: torch.Tensor, metadata: dict[str, str]) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"features": features.contiguous()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file({"features": features.contiguous()}, tmp, metadata=metadata))
 
 
 def _to_rgb(image: Any) -> PILImage.Image:

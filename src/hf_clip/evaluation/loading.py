@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_dataset, load_from_disk
@@ -236,18 +237,42 @@ def resolve_labels(dataset: Dataset, label_column: str, classnames: Sequence[str
     return info
 
 
+def _name_key(name: str | Sequence[str]) -> str | tuple[str, ...]:
+    """A hashable key for a class name or a synonym list (shipped sets such as fer2013 have lists)."""
+    return name if isinstance(name, str) else tuple(str(n) for n in name)
+
+
 def align_labels(info: LabelInfo, reference: LabelInfo) -> np.ndarray:
     """Map a dataset's labels into the index space of ``reference`` by name (label names, then class names).
 
     Lets distribution-shift datasets whose label set is a reordering or a subset of the reference one
-    (ImageNet-R and -A cover 200 of the 1,000 ImageNet classes) be scored with the same classifier.
+    (ImageNet-R and -A cover 200 of the 1,000 ImageNet classes) be scored with the same classifier. A dataset
+    with the reference's own label list keeps its indices, so repeated names (ImageNet's two "missile" and
+    two "sunglasses" classes) stay apart; matching a repeated name by name is ambiguous and is refused.
     """
+    names = [_name_key(n) for n in info.label_names]
     for ref_names in (reference.label_names, reference.classnames):
-        index = {n: i for i, n in enumerate(ref_names)}
-        if all(n in index for n in info.label_names):
-            mapping = np.asarray([index[n] for n in info.label_names], dtype=np.int64)
+        keys = [_name_key(n) for n in ref_names]
+        if names == keys:
+            return np.asarray(info.labels, dtype=np.int64)
+        index: dict[Any, int] = {}
+        repeated: set[Any] = set()
+        for i, key in enumerate(keys):
+            if key in index:
+                repeated.add(key)
+            index.setdefault(key, i)
+        if all(n in index for n in names):
+            ambiguous = sorted(str(n) for n in set(names) & repeated)
+            if ambiguous:
+                raise ValueError(
+                    f"Class names {', '.join(ambiguous)} occur more than once in the reference label set, so "
+                    "labels cannot be matched to them by name; give the datasets the same label list, or "
+                    "unique class names."
+                )
+            mapping = np.asarray([index[n] for n in names], dtype=np.int64)
             return mapping[info.labels]
-    missing = [n for n in info.label_names if n not in set(reference.label_names) | set(reference.classnames)]
+    known = {_name_key(n) for n in [*reference.label_names, *reference.classnames]}
+    missing = [display_name(n) for n in info.label_names if _name_key(n) not in known]
     raise ValueError(
         f"Class names {', '.join(missing[:10])} of a shifted dataset are not in the reference label set; "
         "distribution-shift datasets must share (a subset of) the reference classes."

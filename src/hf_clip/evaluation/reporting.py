@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .._io import atomic_write  # noqa: E402
 
 _MAX_LABELLED_BARS = 60
 
@@ -44,18 +45,6 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _slug(text: str) -> str:
@@ -103,7 +92,7 @@ def plot_result(result: EvalResult, path: str | os.PathLike) -> Path:
     else:
         fig = _plot_metrics(result)
     try:
-        _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     finally:
         plt.close(fig)
     return path
@@ -185,8 +174,8 @@ def save_result(
         "plot": output_dir / f"{stem}.png",
     }
     payload = json.dumps(result.to_dict(), indent=2, default=str, allow_nan=False)
-    _atomic_write(paths["json"], lambda tmp: Path(tmp).write_text(payload + "\n", encoding="utf-8"))
+    atomic_write(paths["json"], lambda tmp: Path(tmp).write_text(payload + "\n", encoding="utf-8"))
     markdown = to_markdown(result)
-    _atomic_write(paths["markdown"], lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
+    atomic_write(paths["markdown"], lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
     plot_result(result, paths["plot"])
     return paths

@@ -23,16 +23,23 @@ from .reporting import EvalResult
 from .zero_shot import build_classifier, classifier_logits, resolve_templates
 
 
-def _shifted_labels(dataset: Dataset, label_column: str, reference: LabelInfo) -> np.ndarray:
-    """Labels of a shifted dataset in the reference index space: by name when it names its classes,
-    by index (same order as the reference) when it holds plain integers."""
+def _shifted_labels(
+    dataset: Dataset, label_column: str, reference: LabelInfo
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of a shifted dataset in the reference index space (by name when it names its classes, by index
+    in the reference order when it holds plain integers), and the sorted reference indices of the classes it
+    covers: every class its ClassLabel names, whether or not this sample holds an image of it (a
+    ``--max_samples`` cut of ImageNetV2 still covers all 1,000 classes); else the classes its labels hold."""
     feature = dataset.features[label_column]
-    named = isinstance(feature, ClassLabel) or (
-        isinstance(feature, Value) and feature.dtype in ("string", "large_string")
-    )
-    if named:
-        return align_labels(resolve_labels(dataset, label_column), reference)
-    return resolve_labels(dataset, label_column, reference.classnames).labels
+    if isinstance(feature, ClassLabel):
+        info = resolve_labels(dataset, label_column)
+        declared = LabelInfo(np.arange(info.num_classes), info.classnames, info.label_names)
+        return align_labels(info, reference), np.unique(align_labels(declared, reference))
+    if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+        labels = align_labels(resolve_labels(dataset, label_column), reference)
+    else:
+        labels = resolve_labels(dataset, label_column, reference.classnames).labels
+    return labels, np.unique(labels)
 
 
 def evaluate_robustness(
@@ -74,17 +81,21 @@ def evaluate_robustness(
     per_dataset: dict[str, dict[str, float]] = {}
     per_class = None
     counts: dict[str, int] = {}
+    scored_classes: dict[str, int] = {}
     ordered = [reference] + [n for n in datasets if n != reference]
     for name in ordered:
         ds = prepare_image_column(datasets[name], image_column)
-        labels = ref_info.labels if name == reference else _shifted_labels(ds, label_column, ref_info)
+        if name == reference:
+            labels, covered = ref_info.labels, np.arange(ref_info.num_classes)
+        else:
+            labels, covered = _shifted_labels(ds, label_column, ref_info)
         features = options.image_features(model, processor.image_processor, ds, image_column)
         logits = classifier_logits(classifier, features)
-        present = np.unique(labels)
-        if restrict_to_present_classes and name != reference and len(present) < ref_info.num_classes:
+        if restrict_to_present_classes and len(covered) < ref_info.num_classes:
             # Score only over the classes this dataset covers; labels move to the subset's index space.
-            logits = logits[:, torch.as_tensor(present)]
-            labels = np.searchsorted(present, labels)
+            logits = logits[:, torch.as_tensor(covered)]
+            labels = np.searchsorted(covered, labels)
+        scored_classes[name] = int(logits.shape[1])
         metrics = classification_metrics(logits, labels, top_k=top_k)
         recall = metrics.pop("per_class_recall")
         if name == reference:
@@ -114,6 +125,7 @@ def evaluate_robustness(
             "shifted": shifted,
             "num_examples": counts,
             "num_classes": ref_info.num_classes,
+            "num_classes_scored": scored_classes,
             "image_column": image_column,
             "label_column": label_column,
             "num_templates": len(template_list),

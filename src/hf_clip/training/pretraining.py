@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..cards import write_text_atomic
+from .._io import atomic_write_text
 from ..configuration_hf_clip import HfClipConfig
 from ..modeling_hf_clip import HfClipModel
 from .accumulation import average_gradients, contrastive_accumulation_step
@@ -569,7 +569,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         log_file = output_dir / "train_log.jsonl"
         if accelerator.is_main_process and log_file.exists():  # drop the lines of steps about to be rerun
             kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= step]
-            write_text_atomic(log_file, "".join(line + "\n" for line in kept))
+            atomic_write_text(log_file, "".join(line + "\n" for line in kept))
         skipped_before = progress.get("skipped", 0)
         saved_workers = progress.get("worker_batches")  # [process][worker]: batches taken this epoch
         if saved_workers is not None:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .._io import atomic_write, atomic_write_text
 from ._encode import check_model, encode_images, encode_texts, get_tokenizer, l2_normalize, model_device
-from ._io import atomic_write, atomic_write_text
 from .templates import get_classnames, get_templates, is_known_dataset
 
 ClassName = str | Sequence[str]

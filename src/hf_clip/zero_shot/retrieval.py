@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from .._io import atomic_write, atomic_write_text
 from ._encode import check_model, encode_images, encode_texts, l2_normalize
-from ._io import atomic_write, atomic_write_text
 
 INDEX_WEIGHTS = "embedding_index.safetensors"
 INDEX_CONFIG = "embedding_index.json"
