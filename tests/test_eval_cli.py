@@ -260,8 +260,10 @@ def test_retrieval_end_to_end_with_several_captions(model_dir, loaded, data, tmp
             [owners[j] in sim[:, j].argsort(descending=True)[:k].tolist() for j in range(len(texts))]
         )
         assert record["metrics"][f"image_to_text_recall@{k}"] == pytest.approx(i2t)
-        assert record["metrics"][f"text_to_image_recall@{k}"] == pytest.approx(t2i)
-    assert record["metrics"]["text_to_image_recall@5"] == 1.0  # only 5 images: every caption finds its own
+        if k < 5:
+            assert record["metrics"][f"text_to_image_recall@{k}"] == pytest.approx(t2i)
+    # Only 5 images: text->image recall@5 is 1.0 for any model, so it is not reported.
+    assert "text_to_image_recall@5" not in record["metrics"]
 
 
 def test_robustness_end_to_end_with_subset_shift(model_dir, loaded, data, tmp_path):

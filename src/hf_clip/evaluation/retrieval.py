@@ -72,6 +72,10 @@ def retrieval_metrics(
         raise ValueError(f"text_to_image has {owners.shape[0]} entries for {text_features.shape[0]} texts.")
     if owners.min() < 0 or owners.max() >= image_features.shape[0]:
         raise ValueError("text_to_image holds an index outside the image range.")
+    # Recall@k with k at least the gallery's size is 1.0 whatever the model (a 3-image test set would read
+    # R@5 = R@10 = 100%): such cut-offs are left out rather than reported, as classification does for top-k.
+    i2t_k = sorted({int(c) for c in k if c == 1 or c < text_features.shape[0]})
+    t2i_k = sorted({int(c) for c in k if c == 1 or c < image_features.shape[0]})
     i2t, t2i = retrieval_rankings(image_features, text_features, max(k))
     captions_of = [[] for _ in range(image_features.shape[0])]
     for text_index, image_index in enumerate(owners.tolist()):
@@ -79,9 +83,9 @@ def retrieval_metrics(
     if any(not caps for caps in captions_of):
         raise ValueError("Every image needs at least one caption for image->text recall.")
     metric = load_metric("retrieval_recall")
-    image_to_text = metric.compute(predictions=i2t.tolist(), references=captions_of, k=list(k))
+    image_to_text = metric.compute(predictions=i2t.tolist(), references=captions_of, k=i2t_k)
     text_to_image_scores = metric.compute(
-        predictions=t2i.tolist(), references=[[o] for o in owners.tolist()], k=list(k)
+        predictions=t2i.tolist(), references=[[o] for o in owners.tolist()], k=t2i_k
     )
     metrics = {f"image_to_text_{name}": value for name, value in image_to_text.items()}
     metrics.update({f"text_to_image_{name}": value for name, value in text_to_image_scores.items()})
