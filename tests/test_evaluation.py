@@ -199,6 +199,8 @@ def test_flatten_captions():
     assert texts == ["a dog", "a cat", "the cat", "x"] and owners.tolist() == [0, 1, 1, 2]
     with pytest.raises(ValueError, match="Image 1 has no caption"):
         flatten_captions([["a"], []])
+    with pytest.raises(ValueError, match="Image 0's caption is a int, not text.*--caption_column"):
+        flatten_captions([0, 1])  # a label column chosen by mistake
 
 
 # --- linear probe --------------------------------------------------------------------------------------------

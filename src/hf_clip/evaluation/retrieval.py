@@ -27,6 +27,11 @@ def flatten_captions(captions: Sequence[str | Sequence[str]]) -> tuple[list[str]
     texts: list[str] = []
     owners: list[int] = []
     for i, entry in enumerate(captions):
+        if entry is not None and not isinstance(entry, (str, list, tuple)):
+            raise ValueError(
+                f"Image {i}'s caption is a {type(entry).__name__}, not text: the caption column must hold a "
+                "string or a list of strings per image (choose it with --caption_column)."
+            )
         items = [entry] if isinstance(entry, str) else list(entry or [])
         items = [c for c in items if isinstance(c, str) and c.strip()]
         if not items:
