@@ -684,6 +684,12 @@ def test_initialisation_follows_the_released_code_and_fills_missing_weights(tmp_
     assert text_layer.mlp.fc1.weight.std().item() == pytest.approx((2 * width) ** -0.5, rel=0.1)
     for bias in (text_layer.self_attn.qkv_proj.bias, text_layer.mlp.fc1.bias):
         assert bias.abs().max().item() == 0
+    token_embedding = model.text_model.embeddings.token_embedding.weight
+    assert token_embedding.std().item() == pytest.approx(0.02, rel=0.1)  # OpenAI's, the default
+    cfg_unit = tiny_config()
+    cfg_unit.text_config.token_embedding_std = 1.0  # the tiny demo model's
+    unit = HfClipModel(cfg_unit).text_model.embeddings.token_embedding.weight
+    assert unit.std().item() == pytest.approx(1.0, rel=0.1)
     scale = cfg.vision_config.hidden_size**-0.5
     embeddings = model.vision_model.embeddings
     assert embeddings.class_embedding.std().item() == pytest.approx(scale, rel=0.3)

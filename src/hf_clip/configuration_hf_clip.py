@@ -44,6 +44,7 @@ class HfClipTextConfig(PretrainedConfig):
         layer_norm_eps: float = 1e-5,
         projection_dim: int = 512,
         initializer_factor: float = 1.0,
+        token_embedding_std: float = 0.02,
         pad_token_id: int = 0,
         bos_token_id: int = 49406,
         eos_token_id: int = 49407,
@@ -64,6 +65,9 @@ class HfClipTextConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.projection_dim = projection_dim
         self.initializer_factor = initializer_factor
+        # Standard deviation of the token embeddings' initialisation: OpenAI's 0.02 by default. The tiny demo
+        # model uses 1.0 (PyTorch's nn.Embedding default), with which its narrow text tower learns much faster.
+        self.token_embedding_std = token_embedding_std
         _check_activation(hidden_act)
         _check_heads("text tower", hidden_size, self.num_attention_heads)
         if eos_token_id is None or not 0 <= eos_token_id < vocab_size:

@@ -384,7 +384,8 @@ class HfClipPreTrainedModel(PreTrainedModel):
         """Initialise as the released code does: scaled normals in the text tower, zero-gamma ResNet blocks."""
         factor = self.config.initializer_factor
         if isinstance(module, HfClipTextTransformer):
-            init.normal_(module.embeddings.token_embedding.weight, std=0.02 * factor)
+            std = module.config.token_embedding_std * factor
+            init.normal_(module.embeddings.token_embedding.weight, std=std)
             init.normal_(module.embeddings.position_embedding.weight, std=0.01 * factor)
         elif isinstance(module, HfClipVisionTransformer):
             scale = module.config.hidden_size**-0.5 * factor

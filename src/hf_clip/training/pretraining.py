@@ -39,10 +39,18 @@ from .loss import ClipLoss, SigLipLoss
 from .optim import clamp_logit_scale, cosine_schedule_with_warmup, create_optimizer
 
 # The default model of the main job: the paper's modified ResNet at toy size (a tiny ViT learns shape far
-# more slowly on the built-in data), a 3-layer text tower, 64 px images, a 32-token context.
+# more slowly on the built-in data), a 3-layer text tower, 64 px images, a 32-token context. Its token
+# embeddings start at unit variance, not OpenAI's 0.02: over 600 steps that took held-out shape accuracy
+# from 73% / 47% to 83% / 87% and colour + shape from 55% / 57% to 68% / 73% (seeds 0 / 1).
 TINY_CONFIG = dict(
     projection_dim=128,
-    text_config=dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=32),
+    text_config=dict(
+        hidden_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        token_embedding_std=1.0,
+    ),
     vision_config=dict(vision_type="resnet", resnet_layers=[1, 1, 1, 1], hidden_size=16, image_size=64),
 )
 
