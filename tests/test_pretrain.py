@@ -332,7 +332,10 @@ def test_batchnorm_towers_say_they_do_not_see_the_global_batch(tmp_path, capsys)
     assert "BatchNorm" not in capsys.readouterr().out
 
 
-def _launch(tmp_path: Path, extra: list[str], *launcher: str) -> subprocess.CompletedProcess:
+def _launch(
+    tmp_path: Path, extra: list[str], *launcher: str, wrapper: Path | None = None
+) -> subprocess.CompletedProcess:
+    """`accelerate launch [launcher] [wrapper] examples/pretrain.py` on the tiny model; `extra` options last."""
     args = tiny_args(tmp_path)
     cli = [
         f"--{k}={v}"
@@ -349,6 +352,7 @@ def _launch(tmp_path: Path, extra: list[str], *launcher: str) -> subprocess.Comp
         "-m",
         "accelerate.commands.launch",
         *launcher,
+        *([str(wrapper)] if wrapper else []),
         str(ROOT / "examples" / "pretrain.py"),
     ]
     return subprocess.run(
@@ -555,35 +559,12 @@ def test_checkpoint_waits_for_every_process_before_the_rename(tmp_path):
     # process was still writing into it ("Parent directory .../step_2.tmp does not exist", seen with ZeRO-2).
     wrapper = tmp_path / "slow_save.py"
     wrapper.write_text(SLOW_RANK_SAVE)
-    args = tiny_args(tmp_path)
-    cli = [f"--{k}={v}" for k, v in vars(args).items() if v is not None and not isinstance(v, bool)]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "ACCELERATE_USE_CPU": "true",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
+    run = _launch(
+        tmp_path,
+        ["--max_steps=2", "--checkpointing_steps=1"],
         *TWO_CPU_PROCESSES,
         "--main_process_port=29533",
-    ]
-    run = subprocess.run(
-        [
-            *cmd,
-            str(wrapper),
-            str(ROOT / "examples" / "pretrain.py"),
-            *cli,
-            "--max_steps=2",
-            "--checkpointing_steps=1",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=600,
+        wrapper=wrapper,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     for step in (1, 2):
