@@ -35,7 +35,7 @@ from hf_clip.evaluation.classification import classification_result, per_class_n
 from hf_clip.evaluation.linear_probe import evaluate_linear_probe, parametric_search, sweep_regularization
 from hf_clip.evaluation.loading import LabelInfo, align_labels, check_dataset
 from hf_clip.evaluation.metrics import METRICS_DIR, SHIPPED_METRICS
-from hf_clip.evaluation.retrieval import flatten_captions
+from hf_clip.evaluation.retrieval import evaluate_retrieval, flatten_captions
 
 # --- shipped metric modules ----------------------------------------------------------------------------------
 
@@ -579,3 +579,21 @@ def test_saved_results_and_feature_cache_get_the_usual_file_mode(tmp_path):
         os.umask(old)
     assert len(paths) == 5 and {oct(p.stat().st_mode & 0o777) for p in paths} == {"0o644"}
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_bad_options_fail_before_any_feature_is_extracted():
+    class Untouchable(_LinearImageModel):
+        def forward(self, *args, **kwargs):
+            raise AssertionError("features were extracted before the options were checked")
+
+        get_image_features = forward
+
+    features = Features({"image": Image(), "label": ClassLabel(names=["a", "b"])})
+    images = [PILImage.new("RGB", (8, 8), (60 * c, 0, 0)) for c in range(4)]
+    data = Dataset.from_dict({"image": images, "label": [0, 1, 0, 1]}, features=features)
+    processor = type("Processor", (), {"image_processor": _ToTensorProcessor()})()
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 1.5"):
+        evaluate_linear_probe(Untouchable(), processor, data, data, val_fraction=1.5)
+    captions = Dataset.from_dict({"image": images, "caption": ["a", "b", "c", "d"]})
+    with pytest.raises(ValueError, match=r"k must be integers >= 1, got \[0, 5\]"):
+        evaluate_retrieval(Untouchable(), processor, captions, k=[0, 5])

@@ -184,6 +184,8 @@ def evaluate_linear_probe(
     }
     for split, ds in named.items():
         check_dataset(ds, [image_column, label_column], name=f"{dataset_name} ({split} split)")
+    if val_dataset is None and not 0 < val_fraction < 1:  # checked before any feature is extracted
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
     if classnames is None and not isinstance(train_dataset.features[label_column], ClassLabel):
         classnames = _integer_classnames(list(named.values()), label_column)
     infos = {split: resolve_labels(ds, label_column, classnames) for split, ds in named.items()}
@@ -203,8 +205,6 @@ def evaluate_linear_probe(
         fit_x, fit_y = train_x, train_y
         val_source = "validation split"
     else:
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
         counts = np.bincount(train_y)
         present = int((counts > 0).sum())
         num_val = math.ceil(val_fraction * len(train_y))  # how train_test_split sizes the held-out part

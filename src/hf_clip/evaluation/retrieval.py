@@ -116,6 +116,8 @@ def evaluate_retrieval(
 ) -> EvalResult:
     """Image-text retrieval recall@k on an image-caption dataset (one caption or a list per image)."""
     check_dataset(dataset, [image_column, caption_column], name=dataset_name)
+    if not k or any(int(c) < 1 for c in k):  # checked before any feature is extracted
+        raise ValueError(f"Recall cut-offs k must be integers >= 1, got {list(k)}.")
     dataset = prepare_image_column(dataset, image_column)
     texts, owners = flatten_captions(dataset[caption_column])
     options = FeatureOptions(batch_size, num_workers, dtype, device, cache_dir)
