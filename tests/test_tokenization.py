@@ -641,3 +641,15 @@ def test_save_and_load_keeps_special_token_flags(flag, tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path, **{flag: True})(["a dog"])["input_ids"] == [
         [SOT, 320, 1929, EOT]
     ]
+
+
+def test_unpadded_tensors_of_unequal_texts_are_refused_on_every_path(tokenizer):
+    # The fast path padded silently where the general one (e.g. with return_length=True) and transformers raise.
+    texts = ["a dog", "a photo of a big cat"]
+    for extra in ({}, {"return_length": True}):
+        with pytest.raises(ValueError):
+            tokenizer(texts, return_tensors="pt", **extra)
+    with pytest.raises(ValueError, match="pass padding=True"):
+        tokenizer(texts, return_tensors="pt")
+    assert tokenizer(["a dog", "a cat"], return_tensors="pt")["input_ids"].shape == (2, 4)  # equal: fine
+    assert tokenizer(texts, padding=True, return_tensors="pt")["input_ids"].shape == (2, 8)

@@ -568,6 +568,17 @@ class HfClipTokenizer(TokenizersBackend):
             prefix + ids[:budget] + suffix for ids in self._word_ids([self.words(text) for text in texts])
         ]
         lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        if (
+            padding_strategy == PaddingStrategy.DO_NOT_PAD
+            and len(rows) > 1
+            and lengths.min() != lengths.max()
+        ):
+            # As transformers (and this tokenizer's general path) do: unequal rows make no tensor unpadded.
+            raise ValueError(
+                f"Texts of {lengths.min()} to {lengths.max()} tokens cannot be stacked into one tensor without "
+                "padding: pass padding=True (to the batch's longest) or padding='max_length' (77, as OpenAI's "
+                "tokenizer does)."
+            )
         width = max_length if padding_strategy == PaddingStrategy.MAX_LENGTH else int(lengths.max(initial=0))
         mask = np.arange(width) < lengths[:, None]
         input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
