@@ -9,7 +9,8 @@ the end-of-text token. This file imports only its sibling config so `trust_remot
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -312,6 +313,17 @@ def _resize_grid(pos: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tensor:
     return grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], -1).to(pos.dtype)
 
 
+def _check_pixels(pixel_values: torch.Tensor, channels: int) -> None:
+    """The layout the towers read. (A ViT's patch embedding runs as a GEMM, whose own error for a wrong channel
+    count, "mat1 and mat2 shapes cannot be multiplied", would not say what is wrong.)"""
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+        raise ValueError(
+            f"pixel_values has shape {tuple(pixel_values.shape)}; the image tower takes [batch, {channels}, "
+            f"height, width] (config num_channels={channels}). Use the model's image processor, add a batch "
+            "dimension to a single image (`pixel_values[None]`), and convert grayscale or RGBA images to RGB."
+        )
+
+
 def _check_size(height: int, width: int, expected: int, interpolate: bool, multiple: int) -> None:
     if interpolate:
         if height % multiple or width % multiple:
@@ -325,6 +337,18 @@ def _check_size(height: int, width: int, expected: int, interpolate: bool, multi
             "Resize with the model's image processor, or pass interpolate_pos_encoding=True to resample the "
             "position embeddings."
         )
+
+
+def _refuse_unsupported(kwargs: dict[str, Any], output_attentions: bool = False) -> None:
+    """transformers' arguments hf_clip cannot honour, refused rather than ignored wherever they are passed."""
+    if kwargs.get("output_attentions") or output_attentions:
+        raise ValueError(
+            "output_attentions is not supported: hf_clip runs fused attention kernels (SDPA, flash) that "
+            "never form the attention weights. Register a forward hook on the HfClipAttention modules, or "
+            "convert to transformers' CLIPModel (hf-clip convert --to transformers) and use its eager attention."
+        )
+    if kwargs.get("position_ids") is not None:
+        raise ValueError("position_ids is not supported: positions are always 0..length-1, as in CLIP.")
 
 
 class HfClipPreTrainedModel(PreTrainedModel):
@@ -345,14 +369,7 @@ class HfClipPreTrainedModel(PreTrainedModel):
     ) -> tuple[bool, bool]:
         """transformers' call conventions: None means the config's value. What cannot be honoured is refused
         rather than ignored."""
-        if kwargs.get("output_attentions") or self.config.output_attentions:
-            raise ValueError(
-                "output_attentions is not supported: hf_clip runs fused attention kernels (SDPA, flash) that "
-                "never form the attention weights. Register a forward hook on the HfClipAttention modules, or "
-                "convert to transformers' CLIPModel (hf-clip convert --to transformers) and use its eager attention."
-            )
-        if kwargs.get("position_ids") is not None:
-            raise ValueError("position_ids is not supported: positions are always 0..length-1, as in CLIP.")
+        _refuse_unsupported(kwargs, self.config.output_attentions)
         hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return bool(hidden), (self.config.return_dict if return_dict is None else return_dict) is not False
 
@@ -513,7 +530,7 @@ class HfClipTextTransformer(HfClipPreTrainedModel):
         if seq > self.config.max_position_embeddings:
             raise ValueError(
                 f"Text is {seq} tokens long but the model's context is {self.config.max_position_embeddings}; "
-                "tokenize with truncation=True, max_length=77."
+                f"tokenize with truncation=True, max_length={self.config.max_position_embeddings}."
             )
         # First end-of-text position: correct whether padding uses 0 or the end-of-text id itself.
         index = (
@@ -546,6 +563,25 @@ def _right_aligned(input_ids: torch.Tensor, attention_mask: torch.Tensor | None)
     seq = input_ids.shape[-1]
     lead = (attention_mask.cumsum(-1) == 0).sum(-1, keepdim=True)
     return input_ids.gather(-1, (torch.arange(seq, device=input_ids.device) + lead) % seq)
+
+
+def _in_input_order(out: BaseModelOutputWithPooling, attention_mask: torch.Tensor | None) -> None:
+    """Undo `_right_aligned` on the per-position outputs, in place: position j of `last_hidden_state` and of
+    each hidden state is again token j of the ids as given, so the caller's attention mask lines up with them
+    (masked mean pooling, token-level features). Outputs trimmed to a shorter length are left as they are."""
+    if attention_mask is None:
+        return
+    seq = attention_mask.shape[-1]
+    lead = (attention_mask.cumsum(-1) == 0).sum(-1, keepdim=True)
+    index = ((torch.arange(seq, device=attention_mask.device) - lead) % seq).unsqueeze(-1)
+
+    def restore(x: torch.Tensor) -> torch.Tensor:
+        return x.gather(1, index.expand(-1, -1, x.shape[-1])) if x.shape[1] == seq else x
+
+    if out.last_hidden_state is not None:
+        out.last_hidden_state = restore(out.last_hidden_state)
+    if out.hidden_states is not None:
+        out.hidden_states = tuple(restore(h) for h in out.hidden_states)
 
 
 def _eos_index(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -644,6 +680,9 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
         self.post_layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embedding
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -655,6 +694,7 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
         that token, so `pooler_output` is unchanged (to float rounding) while the last block's out
         projection and MLP run one row instead of 50 (ViT-B/32) or 197 (ViT-B/16): about 1/12 of the
         tower's work. `last_hidden_state` then holds the class token only."""
+        _check_pixels(pixel_values, self.config.num_channels)
         height, width = pixel_values.shape[-2:]
         _check_size(height, width, self.config.image_size, interpolate_pos_encoding, self.config.patch_size)
         x = self.embeddings(pixel_values)
@@ -666,6 +706,40 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
         )
         pooled = self.post_layernorm(x[:, 0])
         return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states)
+
+
+def _in_backward() -> bool:
+    """Whether this runs inside an autograd backward pass: where `torch.utils.checkpoint` (reentrant or not)
+    recomputes a checkpointed layer's forward. False while compiling: a traced forward is never this Python
+    code run again (and the check would break the graph at every block)."""
+    if torch.compiler.is_compiling():
+        return False
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+@contextmanager
+def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Training-mode batch norms inside `module` normalise with the batch's statistics as usual, but update
+    copies of `running_mean`, `running_var` and `num_batches_tracked` that are then dropped. (Copies rather than
+    no statistics: non-reentrant checkpointing requires the recomputation to save the same tensors.)"""
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    norms = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    kept = [{name: getattr(m, name) for name in names} for m in norms]
+    for m, buffers in zip(norms, kept):
+        for name, buffer in buffers.items():
+            if buffer is not None:
+                setattr(m, name, buffer.clone())
+    try:
+        yield
+    finally:
+        for m, buffers in zip(norms, kept):
+            for name, buffer in buffers.items():
+                setattr(m, name, buffer)
 
 
 class HfClipBottleneck(GradientCheckpointingLayer):
@@ -690,6 +764,15 @@ class HfClipBottleneck(GradientCheckpointingLayer):
             self.downsample.add_module("bn", nn.BatchNorm2d(planes * self.expansion))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _in_backward():
+            # Gradient checkpointing runs this block's forward a second time during the backward pass; its
+            # batch norms must then normalise with the same batch statistics but not fold them into the
+            # running statistics again (which would apply every step's update twice, momentum 0.19 not 0.1).
+            with _running_stats_frozen(self):
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         # In place, as torchvision does: batch norm's backward needs its input, not its output.
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -760,6 +843,9 @@ class HfClipResNet(HfClipPreTrainedModel):
         )
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.conv1
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -769,6 +855,7 @@ class HfClipResNet(HfClipPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         """`pooled_only` is accepted for a common tower interface: the attention pool already computes its
         one query alone."""
+        _check_pixels(pixel_values, self.config.num_channels)
         _check_size(*pixel_values.shape[-2:], self.config.image_size, interpolate_pos_encoding, 32)
         # Channels-last activations: oneDNN's and cuDNN's fast convolution layout (1.25x fp32, 1.9x bf16 for
         # RN50 on CPU, benchmarks/bench_inference.py); the weights keep their layout.
@@ -882,10 +969,12 @@ class HfClipTextModel(HfClipPreTrainedModel):
         **kwargs: Any,
     ) -> BaseModelOutputWithPooling | tuple[Any, ...]:
         """`attention_mask` only serves to undo left padding: the tower is causal and pools at the end-of-text
-        token, so padding after it never changes the result (see `_right_aligned`)."""
+        token, so padding after it never changes the result (see `_right_aligned`). The per-position outputs
+        come back in the order of the ids as given."""
         hidden, as_dict = self._call_options(output_hidden_states, return_dict, kwargs)
-        input_ids = _right_aligned(input_ids, attention_mask)
-        out = self._project(self.text_model(input_ids, output_hidden_states=hidden))
+        out = self.text_model(_right_aligned(input_ids, attention_mask), output_hidden_states=hidden)
+        _in_input_order(out, attention_mask)
+        out = self._project(out)
         return out if as_dict else out.to_tuple()
 
     def _project(self, out: BaseModelOutputWithPooling) -> ModelOutput:
@@ -907,6 +996,12 @@ class HfClipVisionModel(HfClipPreTrainedModel):
         if self._with_projection:
             self.visual_projection = _visual_projection(config)
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The first layer applied to the pixels (a ViT's patch embedding, a ResNet's first convolution), as
+        transformers' CLIPVisionModel returns: `enable_input_require_grads` hooks it for adapters trained
+        with reentrant gradient checkpointing."""
+        return self.vision_model.get_input_embeddings()
 
     def forward(
         self,
@@ -979,6 +1074,7 @@ class HfClipModel(HfClipPreTrainedModel):
         batch's last end-of-text token, and the last block runs for those tokens alone (`pooled_only`): no
         embedding changes, texts/s 1.05-1.07x at batch 32 (CPU, fp32). `attention_mask` only serves to undo
         left padding."""
+        _refuse_unsupported(kwargs)
         input_ids = _right_aligned(input_ids, attention_mask)
         return self.text_projection(self.text_model(input_ids, trim=True, pooled_only=True).pooler_output)
 
@@ -987,6 +1083,7 @@ class HfClipModel(HfClipPreTrainedModel):
     ) -> torch.Tensor:
         """Projected, unnormalised image embeddings [batch, projection_dim]. A ViT's last block runs for the
         class token alone (`pooled_only`), which changes no embedding."""
+        _refuse_unsupported(kwargs)
         out = self.vision_model(pixel_values, interpolate_pos_encoding, pooled_only=True)
         return self.visual_projection(out.pooler_output)
 
@@ -1024,8 +1121,11 @@ class HfClipModel(HfClipPreTrainedModel):
             pixel_values, interpolate_pos_encoding, output_hidden_states, pooled_only=True
         )
         text_out = self.text_model(input_ids, output_hidden_states=output_hidden_states, trim=trim)
+        _in_input_order(text_out, attention_mask)
         if not output_hidden_states and isinstance(self.vision_model, HfClipVisionTransformer):
-            vision_out.last_hidden_state = None  # the class token alone ran the last block: see the docstring
+            # The class token alone ran the last block: see the docstring. A new output, because setting a
+            # ModelOutput field to None leaves the old value in its dict (`out[0]`, `to_tuple()`, `keys()`).
+            vision_out = BaseModelOutputWithPooling(pooler_output=vision_out.pooler_output)
         image_embeds = _normalize(self.visual_projection(vision_out.pooler_output))
         text_embeds = _normalize(self.text_projection(text_out.pooler_output))
         scale = self.logit_scale.exp()
