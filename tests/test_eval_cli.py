@@ -388,3 +388,22 @@ def test_max_samples_is_recorded_in_the_results(model_dir, data, tmp_path):
     record = run(argv, tmp_path / "out")
     assert record["config"]["max_samples"] == 4 and record["config"]["num_examples"] == 4
     assert "max_samples" not in run(argv[:-2], tmp_path / "all")["config"]
+
+
+def test_bad_shifted_labels_are_named_before_any_image_is_encoded(loaded, monkeypatch):
+    from hf_clip.evaluation import evaluate_robustness
+    from hf_clip.evaluation.features import FeatureOptions
+
+    model, processor = loaded
+    names = list(COLOURS)
+    images = [_image(COLOURS[n], 400 + i) for i, n in enumerate(names)]
+    reference = Dataset.from_dict(
+        {"image": images, "label": [0, 1, 2]},
+        features=Features({"image": Image(), "label": ClassLabel(names=names)}),
+    )
+    shifted = Dataset.from_dict({"image": images, "label": [0, 1, 7]})  # plain integers, 7 out of range
+    monkeypatch.setattr(FeatureOptions, "image_features", lambda *a, **k: pytest.fail("encoded images first"))
+    with pytest.raises(
+        ValueError, match=r"Shifted dataset 'v2': 1 labels in column 'label' fall outside 0\.\.2"
+    ):
+        evaluate_robustness(model, processor, {"in": reference, "v2": shifted})

@@ -74,6 +74,14 @@ def evaluate_robustness(
     for name, ds in datasets.items():
         check_dataset(ds, [image_column, label_column], name=name)
     ref_info = resolve_labels(datasets[reference], label_column, classnames)
+    # Every dataset's labels before any image is encoded: a bad shifted dataset fails at once, by name.
+    aligned = {reference: (ref_info.labels, np.arange(ref_info.num_classes))}
+    for name in datasets:
+        if name != reference:
+            try:
+                aligned[name] = _shifted_labels(datasets[name], label_column, ref_info)
+            except ValueError as err:
+                raise ValueError(f"Shifted dataset {name!r}: {err}") from err
     template_list = resolve_templates(templates)
     classifier = build_classifier(model, processor, ref_info.classnames, template_list)
     options = FeatureOptions(batch_size, num_workers, dtype, device, cache_dir)
@@ -85,10 +93,7 @@ def evaluate_robustness(
     ordered = [reference] + [n for n in datasets if n != reference]
     for name in ordered:
         ds = prepare_image_column(datasets[name], image_column)
-        if name == reference:
-            labels, covered = ref_info.labels, np.arange(ref_info.num_classes)
-        else:
-            labels, covered = _shifted_labels(ds, label_column, ref_info)
+        labels, covered = aligned[name]
         features = options.image_features(model, processor.image_processor, ds, image_column)
         logits = classifier_logits(classifier, features)
         if restrict_to_present_classes and len(covered) < ref_info.num_classes:
