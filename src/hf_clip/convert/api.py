@@ -20,6 +20,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 from transformers.initialization import no_init_weights
 
+from .._io import umask
 from ..configuration_hf_clip import ACTIVATIONS, HfClipConfig
 from ..modeling_hf_clip import HfClipModel
 from ..tokenization_hf_clip import _find_openai_bpe
@@ -189,9 +190,7 @@ def _publish(tmp: Path, out_dir: Path) -> None:
     An existing one keeps its inode and mode (it may be the shell's working directory, or shared): its old
     entries are moved aside, the new ones moved in, and on any failure the old ones are put back."""
     if not out_dir.exists():
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
+        tmp.chmod(0o777 & ~umask())
         os.replace(tmp, out_dir)
         return
     old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))

@@ -34,7 +34,8 @@ def _shifted_labels(
     if isinstance(feature, ClassLabel):
         info = resolve_labels(dataset, label_column)
         declared = LabelInfo(np.arange(info.num_classes), info.classnames, info.label_names)
-        return align_labels(info, reference), np.unique(align_labels(declared, reference))
+        mapping = align_labels(declared, reference)  # each declared class's reference index
+        return mapping[info.labels], np.unique(mapping)
     if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
         labels = align_labels(resolve_labels(dataset, label_column), reference)
     else:

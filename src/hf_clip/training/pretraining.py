@@ -343,18 +343,20 @@ def _check_resume_settings(
 ) -> None:
     if saved is None:  # a checkpoint from before the settings were recorded
         return
-    changed = [
-        f"--{k} {saved[k]!r} -> {current[k]!r}" for k in current if k in saved and saved[k] != current[k]
-    ]
-    longer = [c for c in changed if c.split()[0][2:] in RESUME_LENGTH_KEYS]
+    changed = [k for k in current if k in saved and saved[k] != current[k]]
+
+    def described(keys: list[str]) -> str:
+        return "; ".join(f"--{k} {saved[k]!r} -> {current[k]!r}" for k in keys)
+
+    longer = [k for k in changed if k in RESUME_LENGTH_KEYS]
     if longer:
         accelerator.print(
-            f"Note: resuming with {'; '.join(longer)}: the learning-rate schedule is recomputed over the new length."
+            f"Note: resuming with {described(longer)}: the learning-rate schedule is recomputed over the new length."
         )
-    changed = [c for c in changed if c not in longer]
-    if changed:
+    refused = [k for k in changed if k not in RESUME_LENGTH_KEYS]
+    if refused:
         raise ValueError(
-            f"{path} was written with other settings than this run: {'; '.join(changed)}. Resuming would "
+            f"{path} was written with other settings than this run: {described(refused)}. Resuming would "
             "train on other rows or another schedule than the checkpointed run. Rerun with its settings "
             "(num_processes: the launcher's --num_processes), or start a new --output_dir."
         )
