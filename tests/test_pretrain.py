@@ -430,20 +430,30 @@ def test_two_processes_resume_each_from_its_own_batch(tmp_path):
 def test_deepspeed_zero_two_processes(tmp_path, stage):
     pytest.importorskip("deepspeed")
     config = ROOT / "examples" / "configs" / f"deepspeed_zero{stage}.yaml"
-    # ZeRO-2 as shipped (bf16) with the default ResNet model, whose BatchNorm buffers DeepSpeed leaves in
-    # fp32 beside bf16 weights; ZeRO-3 in fp32 with the tiny ViT.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    # As shipped (bf16): ZeRO-2 with the default ResNet model, whose BatchNorm buffers DeepSpeed leaves in
+    # fp32 beside bf16 weights; ZeRO-3 with the tiny ViT.
     extra = ["--model=tiny"] if stage == 2 else []
-    precision = [] if stage == 2 else ["--mixed_precision=no"]
     run = _launch(
         tmp_path,
-        extra,
+        [*extra, "--checkpointing_steps=3"],
         f"--config_file={config}",
-        *precision,
         "--num_processes=2",
         f"--main_process_port={29540 + stage}",
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert (tmp_path / "run" / "model.safetensors").exists()
+    # The saved model is the optimizer's fp32 master weights, not the bf16 copies the forward ran on.
+    saved = load_file(tmp_path / "run" / "model.safetensors")
+    master = get_fp32_state_dict_from_zero_checkpoint(
+        str(tmp_path / "run" / "checkpoints" / "step_3"), tag="pytorch_model"
+    )
+    assert all(v.dtype == torch.float32 for v in saved.values() if v.is_floating_point())
+    for name, value in master.items():
+        assert torch.equal(saved[name].reshape(value.shape), value.float()), name
+    assert AutoModel.from_pretrained(tmp_path / "run").dtype == torch.float32  # config.json says so too
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -305,6 +305,30 @@ def _clamp_deepspeed_master(param: torch.nn.Parameter, limit: float) -> None:
         fragment.clamp_(max=limit)
 
 
+def _with_fp32_master_weights(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor] | None:
+    """Under DeepSpeed bf16/fp16 the model holds 16-bit copies of weights that the optimizer keeps in fp32:
+    the fp32 values are what the run learned, and what a DDP run with the same precision saves. Collective
+    (every process gathers each parameter); returns None where `state_dict` is None (other processes)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}
+    for name, param in model.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if full is not None:
+            masters[name.removeprefix("_orig_mod.")] = full.detach().float().cpu()
+    if state_dict is None or not masters:
+        return state_dict
+    # Buffers (BatchNorm statistics, cast to the weights' dtype for DeepSpeed) follow the weights back.
+    return {
+        key.removeprefix("_orig_mod."): masters.get(
+            key.removeprefix("_orig_mod."), value.float() if value.is_floating_point() else value
+        )
+        for key, value in state_dict.items()
+    }
+
+
 def _checkpoints(output_dir: Path) -> list[Path]:
     found = [p for p in (output_dir / "checkpoints").glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
     return sorted(found, key=lambda p: int(p.name[5:]))
@@ -773,6 +797,8 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     # The model is saved before the final evaluation, so a problem there never costs the trained weights.
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
+    if is_deepspeed:
+        state_dict = _with_fp32_master_weights(raw_model, state_dict)
     if state_dict is not None:
         state_dict = {
             k.removeprefix("_orig_mod."): v for k, v in state_dict.items()
@@ -784,6 +810,9 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".model.tmp."))
         try:
             raw_model.save_pretrained(staging, state_dict=state_dict)
+            if is_deepspeed:  # config.json names the model's (16-bit) dtype; the weights saved are fp32
+                raw_model.config.dtype = "float32"
+                raw_model.config.save_pretrained(staging)
             processor.save_pretrained(staging)
             for entry in sorted(staging.iterdir()):
                 os.replace(entry, output_dir / entry.name)
