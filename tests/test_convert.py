@@ -319,6 +319,25 @@ def test_transformers_round_trip(tmp_path, eos_token_id):
         )
 
 
+def test_attention_weights_equal_transformers_eager(tmp_path):
+    """`output_attentions=True` gives transformers' CLIPModel's weights (eager, the one implementation where
+    it forms them), layer by layer, for both towers; hf_clip's model stays on its default SDPA."""
+    reference = _transformers_reference(_tiny_clip_config())
+    reference.save_pretrained(tmp_path / "transformers")
+    model = HfClipModel.from_pretrained(
+        convert_checkpoint(tmp_path / "transformers", tmp_path / "hf_clip", processor=False)
+    ).eval()
+    reference.set_attn_implementation("eager")
+    images, texts = _images(48), _texts()
+    with torch.no_grad():
+        expected = reference(input_ids=texts, pixel_values=images, output_attentions=True)
+        actual = model(input_ids=texts, pixel_values=images, output_attentions=True)
+    for tower in ("text_model_output", "vision_model_output"):
+        assert len(actual[tower].attentions) == len(expected[tower].attentions) == 2
+        for i, (a, b) in enumerate(zip(actual[tower].attentions, expected[tower].attentions)):
+            _assert_close(a, b, f"{tower} attentions, layer {i}")
+
+
 def test_bare_transformers_weights_file(tmp_path):
     # Without config.json, heads (width / 64) and activation (QuickGELU) follow CLIP's conventions.
     config = _tiny_clip_config(heads=1)

@@ -272,6 +272,56 @@ def test_left_padded_hidden_states_line_up_with_the_input():
         torch.testing.assert_close(got.last_hidden_state[torch.arange(2), eos], got.pooler_output)
 
 
+def test_left_padded_attentions_line_up_with_the_input():
+    """Attention weights of a left-padded batch come back in input order along queries and keys: those of
+    the real tokens equal the right-padded batch's, and each real query's weights sum to one over them."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    right = torch.tensor([[49406, 100, 101, EOS, 0, 0], [49406, 100, 101, 102, 103, EOS]])
+    left = torch.tensor([[0, 0, 49406, 100, 101, EOS], [49406, 100, 101, 102, 103, EOS]])
+    text_model = HfClipTextModel(cfg.text_config).eval()
+    with torch.no_grad():
+        expected = text_model(right, attention_mask=(right != 0).long(), output_attentions=True).attentions
+        got = text_model(left, attention_mask=(left != 0).long(), output_attentions=True).attentions
+    assert len(got) == cfg.text_config.num_hidden_layers
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a[0][:, 2:, 2:], b[0][:, :4, :4])  # row 0: its tokens two places later
+        torch.testing.assert_close(a[1], b[1])
+        torch.testing.assert_close(a[0][:, 2:, 2:].sum(-1), torch.ones(a.shape[1], 4))
+
+
+@pytest.mark.parametrize("vision_type", ["vit", "resnet"])
+def test_output_attentions_under_any_attention_implementation(vision_type):
+    """transformers' CLIP returns no weights under SDPA (a warning and an empty tuple); hf_clip runs eager
+    attention for the call that asks for them, so the weights come whatever `attn_implementation` is, and
+    the embeddings are those of a call without them."""
+    torch.manual_seed(0)
+    cfg = tiny_config(vision_type)
+    model = HfClipModel(cfg).eval()
+    assert model.config.text_config._attn_implementation == "sdpa"
+    ids, px = ids_batch(), pixels(cfg)
+    with torch.no_grad():
+        plain = model(input_ids=ids, pixel_values=px)
+        out = model(input_ids=ids, pixel_values=px, output_attentions=True)
+    torch.testing.assert_close(out.logits_per_image, plain.logits_per_image)
+    text = out.text_model_output.attentions
+    assert len(text) == 2 and text[0].shape == (3, 1, 77, 77)  # every position: no trimming
+    assert torch.all(text[0].triu(1) == 0)  # causal
+    vision = out.vision_model_output.attentions
+    if vision_type == "vit":
+        assert len(vision) == 2 and vision[-1].shape == (3, 1, 17, 17)  # the last block for every token
+        assert out.vision_model_output.last_hidden_state.shape[1] == 17
+    else:  # the attention pool: the mean token's query against itself and the 2 x 2 grid
+        assert len(vision) == 1 and vision[0].shape == (3, cfg.vision_config.num_attention_heads, 1, 5)
+    for weights in (*text, *vision):
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+    tower = HfClipVisionModelWithProjection(cfg.vision_config).eval()
+    with torch.no_grad():
+        assert len(tower(px, output_attentions=True).attentions) == len(vision)
+        tower.config.output_attentions = False
+        assert tower(px).attentions is None
+
+
 def test_patch_embedding_is_the_convolution_as_one_gemm():
     import torch.nn.functional as F
 
@@ -782,8 +832,6 @@ def test_call_conventions_of_transformers():
             assert isinstance(out, tuple) and torch.equal(out[0], tower(inputs)[0])
             tower.config.return_dict = False
             assert isinstance(tower(inputs), tuple)
-        with pytest.raises(ValueError, match="output_attentions is not supported"):
-            model(input_ids=ids, pixel_values=px, output_attentions=True)
         with pytest.raises(ValueError, match="position_ids is not supported"):
             model(input_ids=ids, pixel_values=px, position_ids=torch.arange(77))
         # The feature methods too: transformers' get_text_features uses position_ids; ignoring them would

@@ -179,12 +179,14 @@ def _attention(
     v: torch.Tensor,
     causal_mask: torch.Tensor | None,
     pooled_at: int | torch.Tensor | None = None,
+    need_weights: bool = False,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dispatch to the configured kernel. Causality is a flag for SDPA/flash and a cached additive mask for eager.
-    With `pooled_at` the queries are those of one position per row (see `_rows_at`)."""
+    With `pooled_at` the queries are those of one position per row (see `_rows_at`). `need_weights` runs
+    eager attention for this call, the one kernel that forms the attention weights (`output_attentions`)."""
     impl = module.config._attn_implementation or "sdpa"
-    if impl == "sdpa" and _slow_cpu_sdpa_backward(q):
+    if need_weights or (impl == "sdpa" and _slow_cpu_sdpa_backward(q)):
         impl = "eager"
     scaling = module.head_dim**-0.5
     if pooled_at is not None and causal_mask is not None:
@@ -226,16 +228,19 @@ class HfClipAttention(nn.Module):
         hidden_states: torch.Tensor,
         causal_mask: torch.Tensor | None = None,
         pooled_at: int | torch.Tensor | None = None,
+        attentions: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """`pooled_at`: the output for that one position per row alone (its query against the keys and values
         it may see; see `_rows_at`). The projection stays one call of the fused module, which adapters (LoRA)
-        and quantisers may replace."""
+        and quantisers may replace. `attentions`: a list this call appends its attention weights to."""
         batch, seq, width = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).view(batch, seq, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if pooled_at is not None:
             q = _rows_at(q.transpose(1, 2), pooled_at).transpose(1, 2)
-        out, _ = _attention(self, q, k, v, causal_mask, pooled_at)
+        out, weights = _attention(self, q, k, v, causal_mask, pooled_at, need_weights=attentions is not None)
+        if attentions is not None:
+            attentions.append(weights)
         return self.out_proj(out.reshape(batch, q.shape[2], width))
 
 
@@ -276,9 +281,12 @@ class HfClipEncoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         causal_mask: torch.Tensor | None = None,
         pooled_at: int | torch.Tensor | None = None,
+        attentions: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         residual = hidden_states if pooled_at is None else _rows_at(hidden_states, pooled_at)
-        hidden_states = residual + self.self_attn(self.layer_norm1(hidden_states), causal_mask, pooled_at)
+        hidden_states = residual + self.self_attn(
+            self.layer_norm1(hidden_states), causal_mask, pooled_at, attentions
+        )
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
@@ -293,16 +301,19 @@ class HfClipEncoder(nn.Module):
         causal_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         pooled_at: int | torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
         """`pooled_at`: the last layer computes the output at that position (one per row, or one for all)
-        alone, the only one pooling reads; every layer before it still needs every position."""
+        alone, the only one pooling reads; every layer before it still needs every position. Returns the
+        last hidden state, the hidden states and the attention weights (each None unless asked for)."""
         all_states = (hidden_states,) if output_hidden_states else None
+        attentions: list[torch.Tensor] | None = [] if output_attentions else None
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            hidden_states = layer(hidden_states, causal_mask, pooled_at if i == last else None)
+            hidden_states = layer(hidden_states, causal_mask, pooled_at if i == last else None, attentions)
             if output_hidden_states:
                 all_states += (hidden_states,)
-        return hidden_states, all_states
+        return hidden_states, all_states, None if attentions is None else tuple(attentions)
 
 
 def _resize_grid(pos: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tensor:
@@ -339,13 +350,13 @@ def _check_size(height: int, width: int, expected: int, interpolate: bool, multi
         )
 
 
-def _refuse_unsupported(kwargs: dict[str, Any], output_attentions: bool = False) -> None:
+def _refuse_unsupported(kwargs: dict[str, Any]) -> None:
     """transformers' arguments hf_clip cannot honour, refused rather than ignored wherever they are passed."""
-    if kwargs.get("output_attentions") or output_attentions:
+    if kwargs.get("output_attentions"):
         raise ValueError(
-            "output_attentions is not supported: hf_clip runs fused attention kernels (SDPA, flash) that "
-            "never form the attention weights. Register a forward hook on the HfClipAttention modules, or "
-            "convert to transformers' CLIPModel (hf-clip convert --to transformers) and use its eager attention."
+            "output_attentions is not supported by get_text_features / get_image_features, which return the "
+            "embeddings alone. Call the model (or HfClipTextModel / HfClipVisionModel) with "
+            "output_attentions=True: the weights come back in its outputs' `attentions`."
         )
     if kwargs.get("position_ids") is not None:
         raise ValueError("position_ids is not supported: positions are always 0..length-1, as in CLIP.")
@@ -366,12 +377,16 @@ class HfClipPreTrainedModel(PreTrainedModel):
 
     def _call_options(
         self, output_hidden_states: bool | None, return_dict: bool | None, kwargs: dict[str, Any]
-    ) -> tuple[bool, bool]:
+    ) -> tuple[bool, bool, bool]:
         """transformers' call conventions: None means the config's value. What cannot be honoured is refused
-        rather than ignored."""
-        _refuse_unsupported(kwargs, self.config.output_attentions)
+        rather than ignored. Returns (output_hidden_states, output_attentions, return_dict). Attention weights
+        are formed by eager attention for the call that asks for them, whatever `attn_implementation` is."""
+        attentions = kwargs.pop("output_attentions", None)
+        attentions = self.config.output_attentions if attentions is None else attentions
+        _refuse_unsupported(kwargs)
         hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return bool(hidden), (self.config.return_dict if return_dict is None else return_dict) is not False
+        as_dict = (self.config.return_dict if return_dict is None else return_dict) is not False
+        return bool(hidden), bool(attentions), as_dict
 
     def resize_token_embeddings(
         self, new_num_tokens: int | None = None, *args: Any, **kwargs: Any
@@ -517,6 +532,7 @@ class HfClipTextTransformer(HfClipPreTrainedModel):
         output_hidden_states: bool = False,
         trim: bool | TrimLength = False,
         pooled_only: bool = False,
+        output_attentions: bool = False,
     ) -> BaseModelOutputWithPooling:
         """`trim=True` drops the positions after the batch's last end-of-text token before running the
         encoder: under the causal mask they never reach the pooled features, so `pooler_output` is unchanged
@@ -525,7 +541,9 @@ class HfClipTextTransformer(HfClipPreTrainedModel):
 
         `pooled_only=True` runs the last block for each caption's end-of-text token alone (its query against
         the keys before it, its out projection and MLP), the only position pooling reads: `pooler_output` is
-        unchanged to float rounding, and `last_hidden_state` holds that token only ([batch, 1, width])."""
+        unchanged to float rounding, and `last_hidden_state` holds that token only ([batch, 1, width]).
+        Hidden states and attention weights, when asked for, are for every position: neither shortcut is
+        taken then."""
         seq = input_ids.shape[-1]
         if seq > self.config.max_position_embeddings:
             raise ValueError(
@@ -536,15 +554,20 @@ class HfClipTextTransformer(HfClipPreTrainedModel):
         index = (
             trim.index if isinstance(trim, TrimLength) else _eos_index(input_ids, self.config.eos_token_id)
         )
-        if trim and not output_hidden_states and _can_trim(input_ids) and index.numel():
+        every_position = output_hidden_states or output_attentions
+        if trim and not every_position and _can_trim(input_ids) and index.numel():
             seq = trim.get() if isinstance(trim, TrimLength) else TrimLength(index).get()
             input_ids = input_ids[:, :seq]
         x = self.embeddings(input_ids)
-        pooled_at = index if pooled_only and not output_hidden_states else None
-        x, states = self.encoder(x, self.causal_mask, output_hidden_states, pooled_at)
+        pooled_at = index if pooled_only and not every_position else None
+        x, states, attentions = self.encoder(
+            x, self.causal_mask, output_hidden_states, pooled_at, output_attentions
+        )
         x = self.final_layer_norm(x)
         pooled = x[:, 0] if pooled_at is not None else x[torch.arange(x.shape[0], device=x.device), index]
-        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=x, pooler_output=pooled, hidden_states=states, attentions=attentions
+        )
 
 
 def _right_aligned(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -568,7 +591,8 @@ def _right_aligned(input_ids: torch.Tensor, attention_mask: torch.Tensor | None)
 def _in_input_order(out: BaseModelOutputWithPooling, attention_mask: torch.Tensor | None) -> None:
     """Undo `_right_aligned` on the per-position outputs, in place: position j of `last_hidden_state` and of
     each hidden state is again token j of the ids as given, so the caller's attention mask lines up with them
-    (masked mean pooling, token-level features). Outputs trimmed to a shorter length are left as they are."""
+    (masked mean pooling, token-level features); attention weights are restored along queries and keys.
+    Outputs trimmed to a shorter length are left as they are."""
     if attention_mask is None:
         return
     seq = attention_mask.shape[-1]
@@ -582,6 +606,13 @@ def _in_input_order(out: BaseModelOutputWithPooling, attention_mask: torch.Tenso
         out.last_hidden_state = restore(out.last_hidden_state)
     if out.hidden_states is not None:
         out.hidden_states = tuple(restore(h) for h in out.hidden_states)
+    if out.attentions is not None:  # [batch, heads, query, key]
+        heads = out.attentions[0].shape[1] if out.attentions else 0
+        rows = index.view(-1, 1, seq, 1).expand(-1, heads, -1, seq)
+        cols = index.view(-1, 1, 1, seq).expand(-1, heads, seq, -1)
+        out.attentions = tuple(
+            a.gather(2, rows).gather(3, cols) if a.shape[-1] == seq else a for a in out.attentions
+        )
 
 
 def _eos_index(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -689,11 +720,13 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
         pooled_only: bool = False,
+        output_attentions: bool = False,
     ) -> BaseModelOutputWithPooling:
         """`pooled_only=True` runs the last block for the class token alone: the pooled features read only
         that token, so `pooler_output` is unchanged (to float rounding) while the last block's out
         projection and MLP run one row instead of 50 (ViT-B/32) or 197 (ViT-B/16): about 1/12 of the
-        tower's work. `last_hidden_state` then holds the class token only."""
+        tower's work. `last_hidden_state` then holds the class token only. Not taken when hidden states or
+        attention weights are asked for."""
         _check_pixels(pixel_values, self.config.num_channels)
         height, width = pixel_values.shape[-2:]
         _check_size(height, width, self.config.image_size, interpolate_pos_encoding, self.config.patch_size)
@@ -701,11 +734,12 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
         if self.training and self.config.patch_dropout > 0:
             x = _drop_patches(x, self.config.patch_dropout)
         x = self.pre_layernorm(x)
-        x, states = self.encoder(
-            x, None, output_hidden_states, 0 if pooled_only and not output_hidden_states else None
-        )
+        pooled_at = 0 if pooled_only and not (output_hidden_states or output_attentions) else None
+        x, states, attentions = self.encoder(x, None, output_hidden_states, pooled_at, output_attentions)
         pooled = self.post_layernorm(x[:, 0])
-        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=x, pooler_output=pooled, hidden_states=states, attentions=attentions
+        )
 
 
 def _in_backward() -> bool:
@@ -797,7 +831,9 @@ class HfClipAttentionPool(nn.Module):
         self.v_proj = HfClipLinear(embed_dim, embed_dim)
         self.c_proj = HfClipLinear(embed_dim, output_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attentions: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """`attentions`: a list to append the pool's weights to, [batch, heads, 1, 1 + height * width]
+        (the mean token's query against itself and every spatial position)."""
         batch, channels, height, width = x.shape
         x = x.flatten(2).transpose(1, 2)  # [B, HW, C]
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
@@ -810,7 +846,9 @@ class HfClipAttentionPool(nn.Module):
             return t.view(batch, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(x[:, :1])), heads(self.k_proj(x)), heads(self.v_proj(x))
-        out, _ = _attention(self, q, k, v, None)
+        out, weights = _attention(self, q, k, v, None, need_weights=attentions is not None)
+        if attentions is not None:
+            attentions.append(weights)
         return self.c_proj(out.reshape(batch, channels))
 
 
@@ -852,9 +890,11 @@ class HfClipResNet(HfClipPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
         pooled_only: bool = False,
+        output_attentions: bool = False,
     ) -> BaseModelOutputWithPooling:
         """`pooled_only` is accepted for a common tower interface: the attention pool already computes its
-        one query alone."""
+        one query alone. The tower's one attention layer is that pool: `output_attentions` returns its
+        weights, one tensor [batch, heads, 1, 1 + grid cells]."""
         _check_pixels(pixel_values, self.config.num_channels)
         _check_size(*pixel_values.shape[-2:], self.config.image_size, interpolate_pos_encoding, 32)
         # Channels-last activations: oneDNN's and cuDNN's fast convolution layout (1.25x fp32, 1.9x bf16 for
@@ -868,8 +908,13 @@ class HfClipResNet(HfClipPreTrainedModel):
             x = stage(x)
             if output_hidden_states:
                 states += (x,)
+        attentions: list[torch.Tensor] | None = [] if output_attentions else None
+        pooled = self.attnpool(x, attentions)
         return BaseModelOutputWithPooling(
-            last_hidden_state=x, pooler_output=self.attnpool(x), hidden_states=states
+            last_hidden_state=x,
+            pooler_output=pooled,
+            hidden_states=states,
+            attentions=None if attentions is None else tuple(attentions),
         )
 
 
@@ -930,6 +975,7 @@ class HfClipTextModelOutput(ModelOutput):
     text_embeds: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -937,6 +983,7 @@ class HfClipVisionModelOutput(ModelOutput):
     image_embeds: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class HfClipTextModel(HfClipPreTrainedModel):
@@ -971,8 +1018,12 @@ class HfClipTextModel(HfClipPreTrainedModel):
         """`attention_mask` only serves to undo left padding: the tower is causal and pools at the end-of-text
         token, so padding after it never changes the result (see `_right_aligned`). The per-position outputs
         come back in the order of the ids as given."""
-        hidden, as_dict = self._call_options(output_hidden_states, return_dict, kwargs)
-        out = self.text_model(_right_aligned(input_ids, attention_mask), output_hidden_states=hidden)
+        hidden, attentions, as_dict = self._call_options(output_hidden_states, return_dict, kwargs)
+        out = self.text_model(
+            _right_aligned(input_ids, attention_mask),
+            output_hidden_states=hidden,
+            output_attentions=attentions,
+        )
         _in_input_order(out, attention_mask)
         out = self._project(out)
         return out if as_dict else out.to_tuple()
@@ -1011,8 +1062,9 @@ class HfClipVisionModel(HfClipPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPooling | tuple[Any, ...]:
-        hidden, as_dict = self._call_options(output_hidden_states, return_dict, kwargs)
-        out = self._project(self.vision_model(pixel_values, interpolate_pos_encoding, hidden))
+        hidden, attentions, as_dict = self._call_options(output_hidden_states, return_dict, kwargs)
+        out = self.vision_model(pixel_values, interpolate_pos_encoding, hidden, output_attentions=attentions)
+        out = self._project(out)
         return out if as_dict else out.to_tuple()
 
     def _project(self, out: BaseModelOutputWithPooling) -> ModelOutput:
@@ -1029,6 +1081,7 @@ class HfClipTextModelWithProjection(HfClipTextModel):
             text_embeds=self.text_projection(out.pooler_output),
             last_hidden_state=out.last_hidden_state,
             hidden_states=out.hidden_states,
+            attentions=out.attentions,
         )
 
 
@@ -1042,6 +1095,7 @@ class HfClipVisionModelWithProjection(HfClipVisionModel):
             image_embeds=self.visual_projection(out.pooler_output),
             last_hidden_state=out.last_hidden_state,
             hidden_states=out.hidden_states,
+            attentions=out.attentions,
         )
 
 
@@ -1102,27 +1156,40 @@ class HfClipModel(HfClipPreTrainedModel):
         captions are trimmed after the batch's last end-of-text token, and a ViT's last block runs for the
         class token alone, which changes no embedding (nor gradient). `text_model_output.last_hidden_state`
         then stops at that token, and `vision_model_output.last_hidden_state` is None for a ViT (rather than
-        a tensor without patch tokens); `output_hidden_states=True` runs and returns every position and token.
+        a tensor without patch tokens); `output_hidden_states=True` or `output_attentions=True` runs and returns
+        every position and token.
         (The text tower's last block is not cut down here as in `get_text_features`: a training step gained
         nothing measurable, 0.99-1.00x, and its hidden states stay available.) `attention_mask` only serves
         to undo left padding."""
-        output_hidden_states, as_dict = self._call_options(output_hidden_states, return_dict, kwargs)
+        output_hidden_states, output_attentions, as_dict = self._call_options(
+            output_hidden_states, return_dict, kwargs
+        )
+        every_position = output_hidden_states or output_attentions
         if input_ids is None or pixel_values is None:
             raise ValueError(
                 "HfClipModel.forward needs both input_ids and pixel_values; use get_text_features or "
                 "get_image_features for one modality."
             )
         input_ids = _right_aligned(input_ids, attention_mask)
-        trim: bool | TrimLength = not output_hidden_states
+        trim: bool | TrimLength = not every_position
         if trim and _can_trim(input_ids) and input_ids.numel():
             # Queued before the image tower, read after it: see TrimLength.
             trim = TrimLength(_eos_index(input_ids, self.config.text_config.eos_token_id))
         vision_out = self.vision_model(
-            pixel_values, interpolate_pos_encoding, output_hidden_states, pooled_only=True
+            pixel_values,
+            interpolate_pos_encoding,
+            output_hidden_states,
+            pooled_only=True,
+            output_attentions=output_attentions,
         )
-        text_out = self.text_model(input_ids, output_hidden_states=output_hidden_states, trim=trim)
+        text_out = self.text_model(
+            input_ids,
+            output_hidden_states=output_hidden_states,
+            trim=trim,
+            output_attentions=output_attentions,
+        )
         _in_input_order(text_out, attention_mask)
-        if not output_hidden_states and isinstance(self.vision_model, HfClipVisionTransformer):
+        if not every_position and isinstance(self.vision_model, HfClipVisionTransformer):
             # The class token alone ran the last block: see the docstring. A new output, because setting a
             # ModelOutput field to None leaves the old value in its dict (`out[0]`, `to_tuple()`, `keys()`).
             vision_out = BaseModelOutputWithPooling(pooler_output=vision_out.pooler_output)
