@@ -306,3 +306,15 @@ def test_pipeline_reads_images_as_processor_and_model_do(hf_pipe, parts, tmp_pat
 def test_unreachable_url_error_names_it(hf_pipe):
     with pytest.raises(ValueError, match="http://127.0.0.1:9/cat.jpg"):
         hf_pipe("http://127.0.0.1:9/cat.jpg", candidate_labels=LABELS)
+
+
+def test_saved_pipeline_reloads(hf_pipe, images, tmp_path):
+    """Pipeline.save_pretrained writes the model, tokenizer and image processor, as for transformers' own
+    pipelines; it used to fail copying this module as Hub custom code (and left `custom_pipelines` in the
+    model's config)."""
+    expected = _as_dict(hf_pipe(images[0], candidate_labels=LABELS))
+    hf_pipe.save_pretrained(tmp_path / "saved")
+    assert not hasattr(hf_pipe.model.config, "custom_pipelines")
+    reloaded = pipeline(ZERO_SHOT_TASK, model=str(tmp_path / "saved"))
+    assert isinstance(reloaded, HfClipZeroShotImageClassificationPipeline)
+    assert _as_dict(reloaded(images[0], candidate_labels=LABELS)) == pytest.approx(expected, abs=1e-6)

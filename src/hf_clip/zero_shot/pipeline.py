@@ -199,3 +199,9 @@ def register_pipelines() -> None:
         pt_model=AutoModelForZeroShotImageClassification,
         type="multimodal",
     )
+    # register_pipeline marks the class as Hub custom code, which makes Pipeline.save_pretrained copy this
+    # module and its relative imports next to the weights (it fails on `.._io`, and the copy could not be
+    # imported on its own anyway) and write `custom_pipelines` into the model's config. The task is
+    # registered by `import hf_clip`, so a saved pipeline needs only the model, tokenizer and image processor.
+    if "_registered_impl" in vars(HfClipZeroShotImageClassificationPipeline):
+        del HfClipZeroShotImageClassificationPipeline._registered_impl
