@@ -318,3 +318,17 @@ def test_saved_pipeline_reloads(hf_pipe, images, tmp_path):
     reloaded = pipeline(ZERO_SHOT_TASK, model=str(tmp_path / "saved"))
     assert isinstance(reloaded, HfClipZeroShotImageClassificationPipeline)
     assert _as_dict(reloaded(images[0], candidate_labels=LABELS)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_call_arguments_given_at_init(clip_dir, images):
+    """candidate_labels and hypothesis_template fixed when the pipeline is built serve every call."""
+    fixed = pipeline(
+        ZERO_SHOT_TASK, model=str(clip_dir), candidate_labels=LABELS, hypothesis_template="art of a {}."
+    )
+    per_call = pipeline(ZERO_SHOT_TASK, model=str(clip_dir))
+    expected = per_call(images[0], candidate_labels=LABELS, hypothesis_template="art of a {}.")
+    assert _as_dict(fixed(images[0])) == pytest.approx(_as_dict(expected), abs=1e-6)
+    batch = per_call(images[:2], candidate_labels=LABELS, hypothesis_template="art of a {}.")
+    for got, want in zip(fixed(images[:2]), batch, strict=True):
+        assert _as_dict(got) == pytest.approx(_as_dict(want), abs=1e-6)
+    assert {r["label"] for r in fixed(images[0], candidate_labels=["cat", "dog"])} == {"cat", "dog"}

@@ -60,7 +60,7 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
         self, image: Any = None, candidate_labels: str | Sequence[ClassName] | None = None, **kwargs: Any
     ) -> Any:
         """Scores for one image (a list of {label, score}, best first) or for each image of a list."""
-        if candidate_labels is None:
+        if candidate_labels is None and "candidate_labels" not in self._preprocess_params:
             raise ValueError(
                 "Pass candidate_labels: a list of class names, or a shipped dataset name such as 'cifar10'."
             )
