@@ -332,3 +332,16 @@ def test_call_arguments_given_at_init(clip_dir, images):
     for got, want in zip(fixed(images[:2]), batch, strict=True):
         assert _as_dict(got) == pytest.approx(_as_dict(want), abs=1e-6)
     assert {r["label"] for r in fixed(images[0], candidate_labels=["cat", "dog"])} == {"cat", "dog"}
+
+
+def test_tuple_of_images_is_a_batch_and_nested_lists_are_refused(hf_pipe, images):
+    """A tuple of images used to reach preprocess as one input: the image processor flattened it and only
+    the first image's scores came back."""
+    as_list = hf_pipe(images[:2], candidate_labels=LABELS)
+    as_tuple = hf_pipe(tuple(images[:2]), candidate_labels=LABELS)
+    assert len(as_tuple) == 2
+    for got, want in zip(as_tuple, as_list, strict=True):
+        assert _as_dict(got) == pytest.approx(_as_dict(want), abs=1e-6)
+    assert len(hf_pipe(images=tuple(images[:2]), candidate_labels=LABELS)) == 2
+    with pytest.raises(ValueError, match="One input held 2 images"):
+        hf_pipe([images[:2], images[2]], candidate_labels=LABELS)

@@ -59,7 +59,12 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
     def __call__(
         self, image: Any = None, candidate_labels: str | Sequence[ClassName] | None = None, **kwargs: Any
     ) -> Any:
-        """Scores for one image (a list of {label, score}, best first) or for each image of a list."""
+        """Scores for one image (a list of {label, score}, best first) or for each image of a list or tuple."""
+        if "images" in kwargs:  # transformers' spelling; popped here so a tuple of images is seen below
+            image = kwargs.pop("images")
+        if isinstance(image, tuple):
+            # transformers' Pipeline batches lists only: a tuple would reach preprocess as one input.
+            image = list(image)
         if candidate_labels is None and "candidate_labels" not in self._preprocess_params:
             raise ValueError(
                 "Pass candidate_labels: a list of class names, or a shipped dataset name such as 'cifar10'."
@@ -150,6 +155,11 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
         pixel_values = self.image_processor(images=[image], return_tensors="pt")["pixel_values"].to(
             self.dtype
         )
+        if pixel_values.shape[0] != 1:  # a nested list: the image processor flattened it into several images
+            raise ValueError(
+                f"One input held {pixel_values.shape[0]} images ({type(image).__name__}); pass a flat list of "
+                "images to classify several, each one a PIL image, path, URL or [H, W, C] / [C, H, W] array."
+            )
         return {"pixel_values": pixel_values, "classifier_key": key}
 
     def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
