@@ -345,3 +345,36 @@ def test_tuple_of_images_is_a_batch_and_nested_lists_are_refused(hf_pipe, images
     assert len(hf_pipe(images=tuple(images[:2]), candidate_labels=LABELS)) == 2
     with pytest.raises(ValueError, match="One input held 2 images"):
         hf_pipe([images[:2], images[2]], candidate_labels=LABELS)
+
+
+def test_tokenizer_kwargs_reach_the_tokenizer_and_key_the_cache(hf_pipe, parts, images):
+    model, processor = parts
+    template = "a photo of a {}."
+    prompts = [template.format(label) for label in LABELS]
+    plain = _as_dict(hf_pipe(images[0], candidate_labels=LABELS, hypothesis_template=template))
+    short = _as_dict(
+        hf_pipe(
+            images[0],
+            candidate_labels=LABELS,
+            hypothesis_template=template,
+            tokenizer_kwargs={"max_length": 6},
+        )
+    )
+    text = processor.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=6)
+    pixels = processor.image_processor(images=[images[0]], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model(**text, pixel_values=pixels).logits_per_image.softmax(dim=-1)[0]
+    assert short == pytest.approx(dict(zip(LABELS, expected.tolist())), abs=1e-5)
+    assert short != pytest.approx(plain, abs=1e-4)  # the truncated prompts were not served from the cache
+    # Padding to the context changes nothing for a model that pools at the end-of-text token.
+    padded = hf_pipe(
+        images[0],
+        candidate_labels=LABELS,
+        hypothesis_template=template,
+        tokenizer_kwargs={"padding": "max_length"},
+    )
+    assert _as_dict(padded) == pytest.approx(plain, abs=1e-5)
+    with pytest.raises(TypeError, match="tokenizer_kwargs must be a dict"):
+        hf_pipe(images[0], candidate_labels=LABELS, tokenizer_kwargs="max_length")
+    with pytest.raises(ValueError, match="tokenizer_kwargs may not set return_tensors"):
+        hf_pipe(images[0], candidate_labels=LABELS, tokenizer_kwargs={"return_tensors": "np"})

@@ -1,6 +1,6 @@
 """Batched, gradient-free text and image encoding shared by the classifier, pipeline and retrieval index."""
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -77,6 +77,15 @@ def check_model(model: Any) -> None:
         )
 
 
+def check_tokenizer_kwargs(tokenizer_kwargs: Mapping[str, Any] | None) -> None:
+    """Refuse tokenizer options the encoder sets itself (texts, tensors) rather than ignore them."""
+    refused = sorted(set(tokenizer_kwargs or {}) & {"text", "text_pair", "return_tensors"})
+    if refused:
+        raise ValueError(
+            f"tokenizer_kwargs may not set {', '.join(refused)}: the prompts and PyTorch tensors are fixed here."
+        )
+
+
 @torch.inference_mode()
 def encode_texts(
     model: torch.nn.Module,
@@ -86,21 +95,25 @@ def encode_texts(
     device: torch.device | str | None = None,
     normalize: bool = True,
     progress: bool = False,
+    tokenizer_kwargs: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Text embeddings [N, D] in float32, prompts longer than the context truncated by the tokenizer."""
+    """Text embeddings [N, D] in float32, prompts longer than the context truncated by the tokenizer.
+
+    `tokenizer_kwargs` override the tokenizer options padding=True, truncation=True and max_length=<the
+    text tower's context> (for example padding="max_length" for a model trained on padded captions)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    check_tokenizer_kwargs(tokenizer_kwargs)
     tokenizer = get_tokenizer(tokenizer)
     device = torch.device(device) if device is not None else model_device(model)
-    max_length = context_length(model, tokenizer)
+    options = {"padding": True, "truncation": True, "max_length": context_length(model, tokenizer)}
+    options.update(tokenizer_kwargs or {})
     chunks = []
     starts = range(0, len(texts), batch_size)
     with eval_mode(model):
         for start in tqdm(starts, desc="encoding prompts", disable=not progress or len(starts) < 2):
             batch = list(texts[start : start + batch_size])
-            tokens = tokenizer(
-                batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-            )
+            tokens = tokenizer(batch, return_tensors="pt", **options)
             kwargs = {"input_ids": tokens["input_ids"].to(device)}
             if "attention_mask" in tokens:
                 kwargs["attention_mask"] = tokens["attention_mask"].to(device)

@@ -135,13 +135,15 @@ class ZeroShotClassifier:
         batch_size: int = 256,
         device: torch.device | str | None = None,
         progress: bool = True,
+        tokenizer_kwargs: dict[str, Any] | None = None,
     ) -> "ZeroShotClassifier":
         """Encode every (class, template) prompt once and ensemble per class.
 
         `classnames`: names, lists of synonyms, or a shipped dataset name ("cifar10"); `templates`: one template,
         a list, or a shipped set name ("imagenet"); default "a photo of a {}.". Prompts beyond the context
         length are truncated by the tokenizer. Encoding runs where the model is; `device` is where the weights
-        are kept (default: the model's device).
+        are kept (default: the model's device). `tokenizer_kwargs` override the tokenizer options
+        (padding=True, truncation=True, max_length=<the text tower's context>).
         """
         check_model(model)
         classes = resolve_classnames(classnames)
@@ -155,7 +157,14 @@ class ZeroShotClassifier:
                 for template in templates:
                     prompts.append(fill_template(template, name))
                     owner.append(index)
-        embeddings = encode_texts(model, tokenizer, prompts, batch_size=batch_size, progress=progress)
+        embeddings = encode_texts(
+            model,
+            tokenizer,
+            prompts,
+            batch_size=batch_size,
+            progress=progress,
+            tokenizer_kwargs=tokenizer_kwargs,
+        )
         owner_t = torch.tensor(owner, device=embeddings.device)
         sums = torch.zeros(len(classes), embeddings.shape[1], device=embeddings.device).index_add_(
             0, owner_t, embeddings

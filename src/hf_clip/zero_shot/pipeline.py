@@ -20,7 +20,7 @@ every image).
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from transformers import AutoModelForZeroShotImageClassification
@@ -28,15 +28,15 @@ from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
 
-from ._encode import check_model
+from ._encode import check_model, check_tokenizer_kwargs
 from .classifier import ClassName, ZeroShotClassifier, resolve_classnames, resolve_templates
 
 ZERO_SHOT_TASK = "hf-clip-zero-shot-image-classification"
 # Prompt encodings from which building a classifier shows a progress bar (ImageNet's ensemble has 80,000).
 _PROGRESS_PROMPTS = 1_000
 
-# (classes as tuples of synonyms, templates): the identity of a classifier.
-ClassifierKey = tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]
+# (classes as tuples of synonyms, templates, sorted tokenizer_kwargs items): the identity of a classifier.
+ClassifierKey = tuple[tuple[tuple[str, ...], ...], tuple[str, ...], tuple[tuple[str, Any], ...]]
 
 
 class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipeline):
@@ -44,7 +44,9 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
 
     Extra init arguments: `cache_size` (classifiers kept, least recently used dropped first) and
     `prompt_batch_size` (prompts per text-tower batch). Call arguments: `candidate_labels`,
-    `hypothesis_template` (default "a photo of a {}."), `top_k`, `timeout`; `batch_size` batches images.
+    `hypothesis_template` (default "a photo of a {}."), `tokenizer_kwargs` (passed to the tokenizer over
+    the defaults padding=True, truncation=True, max_length=<the text tower's context>), `top_k`, `timeout`;
+    `batch_size` batches images.
     Scores are the softmax of exp(logit_scale) * cosine similarity, as in transformers' pipeline.
     """
 
@@ -81,6 +83,7 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
         hypothesis_template: str | Sequence[str] | None = None,
         timeout: float | None = None,
         top_k: int | None = None,
+        tokenizer_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         preprocess_params: dict[str, Any] = {}
@@ -90,10 +93,13 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
             preprocess_params["hypothesis_template"] = hypothesis_template
         if timeout is not None:
             preprocess_params["timeout"] = timeout
+        if tokenizer_kwargs is not None:
+            _tokenizer_items(tokenizer_kwargs)  # checked here, before any image is read
+            preprocess_params["tokenizer_kwargs"] = dict(tokenizer_kwargs)
         if kwargs:
             raise TypeError(
                 f"Unexpected argument(s) {', '.join(sorted(kwargs))}; this pipeline takes candidate_labels, "
-                "hypothesis_template, top_k, timeout (and batch_size, num_workers)."
+                "hypothesis_template, tokenizer_kwargs, top_k, timeout (and batch_size, num_workers)."
             )
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be an integer >= 1 (or None for every label), got {top_k!r}.")
@@ -104,24 +110,34 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
 
     @staticmethod
     def classifier_key(
-        candidate_labels: str | Sequence[ClassName], hypothesis_template: str | Sequence[str] | None = None
+        candidate_labels: str | Sequence[ClassName],
+        hypothesis_template: str | Sequence[str] | None = None,
+        tokenizer_kwargs: Mapping[str, Any] | None = None,
     ) -> ClassifierKey:
         classes = resolve_classnames(candidate_labels)
-        return tuple(tuple(c) for c in classes), tuple(resolve_templates(hypothesis_template))
+        return (
+            tuple(tuple(c) for c in classes),
+            tuple(resolve_templates(hypothesis_template)),
+            _tokenizer_items(tokenizer_kwargs),
+        )
 
     def get_classifier(
         self,
         candidate_labels: str | Sequence[ClassName],
         hypothesis_template: str | Sequence[str] | None = None,
+        tokenizer_kwargs: Mapping[str, Any] | None = None,
     ) -> ZeroShotClassifier:
-        """The cached classifier for these labels and templates, encoding the prompts on a miss."""
-        return self._classifier_for(self.classifier_key(candidate_labels, hypothesis_template))
+        """The cached classifier for these labels, templates and tokenizer options, encoding the prompts on a
+        miss."""
+        return self._classifier_for(
+            self.classifier_key(candidate_labels, hypothesis_template, tokenizer_kwargs)
+        )
 
     def _classifier_for(self, key: ClassifierKey) -> ZeroShotClassifier:
         if key in self._classifiers:
             self._classifiers.move_to_end(key)
             return self._classifiers[key]
-        classes, templates = key
+        classes, templates, tokenizer_items = key
         classifier = ZeroShotClassifier.from_model(
             self.model,
             self.tokenizer,
@@ -129,6 +145,7 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
             list(templates),
             batch_size=self.prompt_batch_size,
             progress=len(classes) * len(templates) >= _PROGRESS_PROMPTS,
+            tokenizer_kwargs=dict(tokenizer_items),
         )
         self._classifiers[key] = classifier
         while len(self._classifiers) > self.cache_size:
@@ -147,10 +164,11 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
         candidate_labels: str | Sequence[ClassName] | None = None,
         hypothesis_template: str | Sequence[str] | None = None,
         timeout: float | None = None,
+        tokenizer_kwargs: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         if candidate_labels is None:
             raise ValueError("candidate_labels is missing.")
-        key = self.classifier_key(candidate_labels, hypothesis_template)
+        key = self.classifier_key(candidate_labels, hypothesis_template, tokenizer_kwargs)
         image = _fetch_if_remote(image, timeout)
         pixel_values = self.image_processor(images=[image], return_tensors="pt")["pixel_values"].to(
             self.dtype
@@ -179,6 +197,25 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
         k = len(labels) if top_k is None else min(top_k, len(labels))
         scores, indices = probs.topk(k)
         return [{"score": s, "label": labels[i]} for s, i in zip(scores.tolist(), indices.tolist())]
+
+
+def _tokenizer_items(tokenizer_kwargs: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """tokenizer_kwargs as sorted, hashable items: part of a classifier's cache key."""
+    if tokenizer_kwargs is None:
+        return ()
+    if not isinstance(tokenizer_kwargs, Mapping):
+        raise TypeError(
+            f"tokenizer_kwargs must be a dict of tokenizer options, got {type(tokenizer_kwargs).__name__}."
+        )
+    items = tuple(sorted(tokenizer_kwargs.items()))
+    try:
+        hash(items)
+    except TypeError as error:
+        raise TypeError(
+            f"tokenizer_kwargs values must be hashable (they key the cache of class embeddings): {error}."
+        ) from None
+    check_tokenizer_kwargs(tokenizer_kwargs)
+    return items
 
 
 def _fetch_if_remote(image: Any, timeout: float | None) -> Any:
