@@ -252,6 +252,9 @@ def test_bad_inputs_get_clear_errors(fake):
         ZeroShotClassifier.from_model(model, tokenizer, "cat", TEMPLATES, progress=False)
     with pytest.raises(TypeError, match="Linear lacks get_text_features, get_image_features"):
         ZeroShotClassifier.from_model(nn.Linear(2, 2), tokenizer, ["cat"], TEMPLATES, progress=False)
+    # A number as a class name: the class-name message, not "'int' object is not iterable".
+    with pytest.raises(TypeError, match="A class must be a name or a non-empty list of names, got 3"):
+        ZeroShotClassifier.from_model(model, tokenizer, ["cat", 3], TEMPLATES, progress=False)
     assert model.text_calls == 0
 
 
@@ -309,8 +312,9 @@ def test_classify_returns_sorted_softmax_scores(fake):
         assert result[0]["label"] == classifier.labels[best]
         assert result[0]["score"] == pytest.approx(row[best].item())
         assert result[0]["score"] >= result[1]["score"]
-    with pytest.raises(ValueError, match="top_k must be at least 1"):
-        classifier.classify(images, processor=_stack_processor, top_k=0)
+    for bad in (0, True, 1.5):  # a bool or float reached torch.topk, which failed with its own message
+        with pytest.raises(ValueError, match="top_k must be at least 1"):
+            classifier.classify(images, processor=_stack_processor, top_k=bad)
     with pytest.raises(ValueError, match=r"image_embeds=embedding.unsqueeze\(0\)"):
         classifier(torch.randn(8))
     # A stacked array of images is a batch, not one image.

@@ -70,7 +70,10 @@ def resolve_classnames(classnames: str | Sequence[ClassName]) -> list[list[str]]
         classnames = get_classnames(classnames)
     resolved = []
     for entry in classnames:
-        synonyms = [entry] if isinstance(entry, str) else list(entry)
+        try:
+            synonyms = [entry] if isinstance(entry, str) else list(entry)
+        except TypeError:  # a number or other non-iterable: the same message as for a bad list
+            synonyms = []
         if not synonyms or not all(isinstance(s, str) for s in synonyms):
             raise TypeError(f"A class must be a name or a non-empty list of names, got {entry!r}.")
         resolved.append(synonyms)
@@ -215,8 +218,10 @@ class ZeroShotClassifier:
         """Softmax scores for raw images (PIL images, paths, arrays or tensors, one or a batch), best first: one
         list of {label, score} per image."""
         image_processor = getattr(processor, "image_processor", processor)
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be at least 1 (or None for every class), got {top_k}.")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(
+                f"top_k must be at least 1 (an integer, or None for every class), got {top_k!r}."
+            )
         if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
             images = list(images)  # a stacked batch of [H, W, C] (or [C, H, W]) arrays or tensors
         elif not isinstance(images, list | tuple):
