@@ -187,6 +187,9 @@ def test_cache_is_bounded(clip_dir, images):
         small(images[0], candidate_labels=labels)
     assert len(small._classifiers) == 2
     assert small.classifier_key(["a", "b"]) not in small._classifiers
+    for bad in (0, 2.5):  # refused when the pipeline is built, naming the argument
+        with pytest.raises(ValueError, match="prompt_batch_size must be an integer >= 1"):
+            pipeline(ZERO_SHOT_TASK, model=str(clip_dir), prompt_batch_size=bad)
 
 
 def test_long_labels_truncate_in_hf_pipeline(hf_pipe, parts, images):

@@ -53,6 +53,13 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
     def __init__(self, *args: Any, cache_size: int = 8, prompt_batch_size: int = 256, **kwargs: Any) -> None:
         if cache_size < 1:
             raise ValueError(f"cache_size must be at least 1, got {cache_size}.")
+        if (
+            isinstance(prompt_batch_size, bool)
+            or not isinstance(prompt_batch_size, int)
+            or prompt_batch_size < 1
+        ):
+            # Checked here: the first call would otherwise fail with encode_texts' "batch_size must be ...".
+            raise ValueError(f"prompt_batch_size must be an integer >= 1, got {prompt_batch_size!r}.")
         self.cache_size = cache_size
         self.prompt_batch_size = prompt_batch_size
         self._classifiers: OrderedDict[ClassifierKey, ZeroShotClassifier] = OrderedDict()
