@@ -313,7 +313,7 @@ def test_classify_returns_sorted_softmax_scores(fake):
         assert result[0]["score"] == pytest.approx(row[best].item())
         assert result[0]["score"] >= result[1]["score"]
     for bad in (0, True, 1.5):  # a bool or float reached torch.topk, which failed with its own message
-        with pytest.raises(ValueError, match="top_k must be at least 1"):
+        with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
             classifier.classify(images, processor=_stack_processor, top_k=bad)
     with pytest.raises(ValueError, match=r"image_embeds=embedding.unsqueeze\(0\)"):
         classifier(torch.randn(8))

@@ -36,6 +36,12 @@ def fill_template(template: str, name: str) -> str:
     )
 
 
+def check_top_k(top_k: int | None) -> None:
+    """How many labels to return per image: an integer >= 1, or None for all of them."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None for every label), got {top_k!r}.")
+
+
 def resolve_templates(templates: str | Sequence[str] | None) -> list[str]:
     """A template list from one template, a list of them, or a shipped template-set name such as "imagenet"."""
     if templates is None:
@@ -218,10 +224,7 @@ class ZeroShotClassifier:
         """Softmax scores for raw images (PIL images, paths, arrays or tensors, one or a batch), best first: one
         list of {label, score} per image."""
         image_processor = getattr(processor, "image_processor", processor)
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(
-                f"top_k must be at least 1 (an integer, or None for every class), got {top_k!r}."
-            )
+        check_top_k(top_k)
         if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
             images = list(images)  # a stacked batch of [H, W, C] (or [C, H, W]) arrays or tensors
         elif not isinstance(images, list | tuple):

@@ -29,7 +29,13 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
 
 from ._encode import check_model, check_tokenizer_kwargs
-from .classifier import ClassName, ZeroShotClassifier, resolve_classnames, resolve_templates
+from .classifier import (
+    ClassName,
+    ZeroShotClassifier,
+    check_top_k,
+    resolve_classnames,
+    resolve_templates,
+)
 
 ZERO_SHOT_TASK = "hf-clip-zero-shot-image-classification"
 # Prompt encodings from which building a classifier shows a progress bar (ImageNet's ensemble has 80,000).
@@ -108,8 +114,7 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
                 f"Unexpected argument(s) {', '.join(sorted(kwargs))}; this pipeline takes candidate_labels, "
                 "hypothesis_template, tokenizer_kwargs, top_k, timeout (and batch_size, num_workers)."
             )
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be an integer >= 1 (or None for every label), got {top_k!r}.")
+        check_top_k(top_k)
         postprocess_params = {"top_k": top_k} if top_k is not None else {}
         return preprocess_params, {}, postprocess_params
 
