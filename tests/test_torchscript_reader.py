@@ -257,3 +257,19 @@ def test_truncated_or_empty_files_are_a_clear_error(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_state_dict_file(tmp_path / "empty.pt")
+
+
+def test_refusals_name_the_cause_and_never_advise_unsafe_loading(tmp_path):
+    """torch's weights-only error opens with advice to retry with weights_only=False (which runs the file's
+    code) and names the refused global only later: the one-line message keeps the cause, drops the advice."""
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2), "obj": _Evil()}, path)
+    with pytest.raises(ValueError, match="not loaded for safety") as refused:
+        load_state_dict_file(path)
+    message = str(refused.value)
+    assert "system" in message  # the refused global (posix.system / os.system)
+    assert "weights_only" not in message and "safe_globals" not in message and "\n" not in message
+    (tmp_path / "config.json").write_text('{"model_type": "clip"}')  # not a checkpoint at all
+    with pytest.raises(ValueError, match="is not a checkpoint") as not_one:
+        load_state_dict_file(tmp_path / "config.json")
+    assert "weights_only" not in str(not_one.value)

@@ -9,6 +9,7 @@ open_clip writes them) and DistributedDataParallel ``module.`` prefixes are unwr
 from __future__ import annotations
 
 import pickle
+import re
 from os import PathLike
 from pathlib import Path
 
@@ -52,6 +53,26 @@ def _is_safetensors(path: Path) -> bool:
     return path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
 
 
+_ADVICE = (
+    "Weights only load failed",
+    "weights_only",
+    "trusted source",
+    "Alternatively",
+    "Check the documentation",
+)
+
+
+def _refusal_reason(error: pickle.UnpicklingError) -> str:
+    """What the unpickler refused, without torch's advice to retry with weights_only=False or to allow-list
+    the global (either would run the file's code). torch's message opens with that advice, in wordings that
+    vary by version and cause, and names the refused global or opcode further down."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    kept = [line for line in lines if line and not any(advice in line for advice in _ADVICE)]
+    reason = " ".join(kept).replace("WeightsUnpickler error:", "").strip()
+    reason = re.split(r"\.\s*Please use", reason)[0].strip().rstrip(".")
+    return reason or "refused by torch's safe unpickler"
+
+
 def load_state_dict_file(path: str | PathLike) -> dict[str, torch.Tensor]:
     """Read the tensors of one checkpoint file (safetensors, TorchScript or ``torch.save``) on the CPU."""
     path = Path(path)
@@ -64,10 +85,15 @@ def load_state_dict_file(path: str | PathLike) -> dict[str, torch.Tensor]:
             return read_torchscript_state_dict(path)
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # torch's weights-only refusal, or the TorchScript reader's
-        reason = str(error).split("\n")[0]  # torch goes on to suggest weights_only=False: not offered here
+        reason = _refusal_reason(error)
+        if reason.startswith("Unsupported operand"):  # not a pickle at all (a JSON or text file, say)
+            raise ValueError(
+                f"{path} is not a checkpoint ({reason}): expected .safetensors, a TorchScript archive or a "
+                "torch.save state dict."
+            ) from error
         raise ValueError(
-            f"{path} holds objects other than tensors, which are not loaded for safety ({reason}). "
-            "Re-save its state dict with torch.save(model.state_dict(), ...) or as .safetensors."
+            f"{path} holds objects other than tensors, which are not loaded for safety ({reason}). Re-save "
+            "its state dict with torch.save(model.state_dict(), ...) or as .safetensors."
         ) from error
     except (ValueError, FileNotFoundError):
         raise
