@@ -701,3 +701,18 @@ def test_open_clip_hub_folder_takes_its_config(tmp_path):
         (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": variant}))
         with pytest.raises(ConversionError, match="pool_type"):
             convert_checkpoint(folder, tmp_path / "refused", processor=False)
+
+
+@pytest.mark.parametrize("to", ["hf_clip", "transformers"])
+def test_written_files_get_the_mode_open_would_give_them(tmp_path, to):
+    """transformers writes the weights through a private temporary file: model.safetensors came out 0600 while
+    every other file was 0644, so a converted model in a shared folder could not be loaded by anyone else."""
+    reference = _reference(_shrunk_config("ViT-B-32-quickgelu"))
+    torch.save(reference.state_dict(), tmp_path / "b32.pt")
+    umask = os.umask(0o002)
+    try:
+        out = convert_checkpoint(tmp_path / "b32.pt", tmp_path / "out", to=to, processor=False)
+    finally:
+        os.umask(umask)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o664}, modes

@@ -183,6 +183,16 @@ def _prepare_output(out_dir: Path, overwrite: bool) -> None:
         )
 
 
+def _give_files_open_modes(folder: Path) -> None:
+    """Give the written files the mode `open()` would (0666 less the umask): transformers writes the weights
+    through a private temporary file, which left model.safetensors 0600, unreadable by the group and others
+    in a shared folder whose other files are 0644."""
+    mode = 0o666 & ~umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def _publish(tmp: Path, out_dir: Path) -> None:
     """Move the finished files into place, so a crash never leaves a half-written model behind.
 
@@ -262,6 +272,7 @@ def convert_checkpoint(
         model.save_pretrained(tmp)
         if processor:
             save_processor_files(tmp, config, bpe_vocab, flavour=to)
+        _give_files_open_modes(tmp)
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
