@@ -716,3 +716,19 @@ def test_written_files_get_the_mode_open_would_give_them(tmp_path, to):
         os.umask(umask)
     modes = {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()}
     assert "model.safetensors" in modes and set(modes.values()) == {0o664}, modes
+
+
+def test_overwrite_never_deletes_the_source(tmp_path, monkeypatch):
+    """`hf-clip convert model.pt . --overwrite` replaced the folder's contents, deleting model.pt itself."""
+    reference = _reference(_shrunk_config("ViT-B-32-quickgelu"))
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    torch.save(reference.state_dict(), folder / "b32.pt")
+    monkeypatch.chdir(folder)
+    with pytest.raises(FileExistsError, match="inside the output directory"):
+        convert_checkpoint("b32.pt", ".", processor=False, overwrite=True)
+    hf_dir = convert_checkpoint("b32.pt", tmp_path / "hf", processor=False)
+    with pytest.raises(FileExistsError, match="inside the output directory"):  # a model folder onto itself
+        convert_checkpoint(hf_dir, hf_dir, to="transformers", processor=False, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["b32.pt"]
+    assert (hf_dir / "model.safetensors").is_file()

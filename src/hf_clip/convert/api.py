@@ -174,9 +174,16 @@ def _build(model_class: type, config: object, state_dict: dict[str, torch.Tensor
     return model.eval()
 
 
-def _prepare_output(out_dir: Path, overwrite: bool) -> None:
+def _prepare_output(out_dir: Path, overwrite: bool, src: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory.")
+    source = src.expanduser().resolve()
+    if source == out_dir or out_dir in source.parents:
+        # Replacing OUT_DIR's contents would delete the checkpoint being converted (and its open_clip config).
+        raise FileExistsError(
+            f"{src} is inside the output directory {out_dir}, whose contents the conversion replaces: "
+            "write the model to another directory."
+        )
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(
             f"{out_dir} is not empty; choose a new directory or pass overwrite=True (CLI: --overwrite)."
@@ -247,7 +254,7 @@ def convert_checkpoint(
     if to not in _TARGETS:
         raise ValueError(f"to={to!r}; use one of {_TARGETS}.")
     out_dir = Path(out_dir).expanduser().resolve()  # "." has no name to publish under, nor a real parent
-    _prepare_output(out_dir, overwrite)
+    _prepare_output(out_dir, overwrite, Path(src))
     state_dict, config = load_hf_clip_state_dict(src, activation, config)
     if to == "transformers" and "logit_bias" in state_dict:
         raise ConversionError(
