@@ -732,3 +732,42 @@ def test_overwrite_never_deletes_the_source(tmp_path, monkeypatch):
         convert_checkpoint(hf_dir, hf_dir, to="transformers", processor=False, overwrite=True)
     assert sorted(p.name for p in folder.iterdir()) == ["b32.pt"]
     assert (hf_dir / "model.safetensors").is_file()
+
+
+def _hub_folder(folder, cfg: dict, reference: CLIP, preprocess_cfg: dict | None = None):
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess_cfg or {}})
+    )
+    save_file(
+        {k: v.contiguous() for k, v in reference.state_dict().items()}, folder / "open_clip_model.safetensors"
+    )
+    return folder
+
+
+def test_open_clip_config_must_describe_the_weights(tmp_path):
+    """A rectangular input (2 x 8 patches, plus one, looks like a 4 x 4 grid) converted without error at the
+    wrong size, and an open_clip_config.json of another model beside the weights lent them its heads."""
+    cfg = _shrunk_config("ViT-B-16-quickgelu")
+    cfg["vision_cfg"]["image_size"] = [32, 128]
+    folder = _hub_folder(tmp_path / "wide", cfg, _reference(cfg))
+    with pytest.raises(ConversionError, match=r"image_size=\[32, 128\] is not square"):
+        convert_checkpoint(folder, tmp_path / "out", processor=False)
+    cfg = _shrunk_config("ViT-B-16-quickgelu")
+    folder = _hub_folder(tmp_path / "other", cfg, _reference(cfg))
+    other = {**cfg, "text_cfg": {**cfg["text_cfg"], "width": 2 * cfg["text_cfg"]["width"]}}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": other}))
+    with pytest.raises(ConversionError, match="does not describe these weights: text width=128"):
+        convert_checkpoint(folder / "open_clip_model.safetensors", tmp_path / "out", processor=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_open_clip_config_sets_resnet_attention_pool_heads(tmp_path):
+    """open_clip's ResNet attention pool has width * 32 // head_width heads; head_width was ignored."""
+    cfg = _shrunk_config("RN50-quickgelu")
+    cfg["vision_cfg"]["head_width"] = 32
+    reference = _reference(cfg)
+    folder = _hub_folder(tmp_path / "hub", {**cfg, "quick_gelu": True}, reference)
+    model = HfClipModel.from_pretrained(convert_checkpoint(folder, tmp_path / "out", processor=False)).eval()
+    assert model.config.vision_config.num_attention_heads == cfg["vision_cfg"]["width"] * 32 // 32
+    _assert_parity(reference, model, cfg["vision_cfg"]["image_size"])

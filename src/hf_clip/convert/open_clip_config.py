@@ -80,21 +80,65 @@ def _unsupported(model_cfg: dict[str, Any]) -> list[str]:
     return found
 
 
+def _size_mismatches(config: HfClipConfig, model_cfg: dict[str, Any]) -> list[str]:
+    """The sizes `model_cfg` states that differ from those read off the weights' shapes.
+
+    A rectangular image_size is one of them: its position embedding (h/p x w/p patches, plus one) can look like
+    a square grid of another size, which would convert without error and compute on misplaced positions."""
+    text, vision = model_cfg.get("text_cfg", {}), model_cfg.get("vision_cfg", {})
+    tv, tt = config.vision_config, config.text_config
+    stated: list[tuple[str, Any, Any]] = [("embed_dim", model_cfg.get("embed_dim"), config.projection_dim)]
+    image_size = vision.get("image_size")
+    if isinstance(image_size, (list, tuple)):
+        if len(set(image_size)) != 1:
+            return [f"vision image_size={list(image_size)} is not square (hf_clip's image towers are)"]
+        image_size = image_size[0]
+    layers = tv.resnet_layers if tv.vision_type == "resnet" else tv.num_hidden_layers
+    stated += [
+        ("vision image_size", image_size, tv.image_size),
+        ("vision width", vision.get("width"), tv.hidden_size),
+        (
+            "vision layers",
+            list(vision["layers"])
+            if isinstance(vision.get("layers"), (list, tuple))
+            else vision.get("layers"),
+            layers,
+        ),
+        ("text width", text.get("width"), tt.hidden_size),
+        ("text layers", text.get("layers"), tt.num_hidden_layers),
+        ("text context_length", text.get("context_length"), tt.max_position_embeddings),
+        ("text vocab_size", text.get("vocab_size"), tt.vocab_size),
+    ]
+    if tv.vision_type == "vit":
+        stated.append(("vision patch_size", vision.get("patch_size"), tv.patch_size))
+    return [
+        f"{name}={value} (the weights: {actual})"
+        for name, value, actual in stated
+        if value is not None and value != actual
+    ]
+
+
 def apply_open_clip_config(config: HfClipConfig, model_cfg: dict[str, Any], source: Path) -> HfClipConfig:
     """`config` (inferred from the weights' shapes, with `open_clip_activation`) given open_clip's head counts
-    and end-of-text id; a ConversionError for a variant hf_clip does not compute."""
+    and end-of-text id; a ConversionError for a variant hf_clip does not compute, or for a config whose sizes
+    are not the weights' (another model's config beside the file, or a rectangular input)."""
     unsupported = _unsupported(model_cfg)
     if unsupported:
         raise ConversionError(
             f"{source}: its {OPEN_CLIP_CONFIG} describes a variant hf_clip does not implement: "
             f"{'; '.join(unsupported)}. Converting it would silently compute something else."
         )
+    mismatches = _size_mismatches(config, model_cfg)
+    if mismatches:
+        raise ConversionError(
+            f"{source}: its {OPEN_CLIP_CONFIG} does not describe these weights: {'; '.join(mismatches)}. "
+            f"Its head counts and activation cannot be trusted; remove or fix the {OPEN_CLIP_CONFIG}."
+        )
     text, vision = model_cfg.get("text_cfg", {}), model_cfg.get("vision_cfg", {})
     config.text_config.num_attention_heads = int(text.get("heads", 8))
-    if config.vision_config.vision_type == "vit":
-        config.vision_config.num_attention_heads = config.vision_config.hidden_size // int(
-            vision.get("head_width", 64)
-        )
+    # open_clip: heads = width // head_width for a ViT, width * 32 // head_width for the ResNet attention pool.
+    pooled_width = config.vision_config.output_width
+    config.vision_config.num_attention_heads = pooled_width // int(vision.get("head_width", 64))
     if text.get("pool_type") == "eos":
         config.text_config.eos_token_id = int(text.get("eos_id", 2))
     return config
