@@ -771,3 +771,42 @@ def test_open_clip_config_sets_resnet_attention_pool_heads(tmp_path):
     model = HfClipModel.from_pretrained(convert_checkpoint(folder, tmp_path / "out", processor=False)).eval()
     assert model.config.vision_config.num_attention_heads == cfg["vision_cfg"]["width"] * 32 // 32
     _assert_parity(reference, model, cfg["vision_cfg"]["image_size"])
+
+
+def test_open_clip_preprocessing_is_carried_into_the_processor(tmp_path):
+    """open_clip Hub folders state their preprocessing (LAION's ViT-L/14 laion2b_s32b_b82k: mean = std = 0.5;
+    DFN's ViT-H/14: "squash" resize); the converted processor used OpenAI's regardless."""
+    from open_clip.push_to_hf_hub import save_config_for_hf
+
+    cfg = _shrunk_config("ViT-B-16")
+    cfg["text_cfg"]["vocab_size"] = 49408  # the real vocabulary, so the BPE processor applies
+    reference = _reference(cfg, quick_gelu=False)
+    preprocess = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "resize_mode": "squash"}
+    reference.visual.image_mean, reference.visual.image_std = preprocess["mean"], preprocess["std"]
+    reference.visual.preprocess_cfg = preprocess
+    folder = _hub_folder(tmp_path / "hub", cfg, reference)
+    save_config_for_hf(reference, folder / "open_clip_config.json", cfg)  # open_clip's own writer
+    size = cfg["vision_cfg"]["image_size"]
+    expected = open_clip.image_transform(
+        size,
+        is_train=False,
+        mean=preprocess["mean"],
+        std=preprocess["std"],
+        resize_mode="squash",
+        interpolation="bilinear",
+    )(_photo())
+    out = convert_checkpoint(folder, tmp_path / "hf")
+    pixels = HfClipImageProcessor.from_pretrained(out)(images=[_photo()], return_tensors="pt").pixel_values
+    assert torch.equal(pixels[0], expected)
+    out = convert_checkpoint(folder, tmp_path / "transformers", to="transformers")
+    image_processor = CLIPProcessor.from_pretrained(out).image_processor
+    assert list(image_processor.image_mean) == list(image_processor.image_std) == [0.5] * 3
+    assert int(image_processor.resample) == 2 and not image_processor.do_center_crop
+    assert (image_processor.size["height"], image_processor.size["width"]) == (size, size)
+    # Resizing the long side and padding has no equivalent: refused before anything is written.
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": cfg, "preprocess_cfg": {"resize_mode": "longest"}})
+    )
+    with pytest.raises(ConversionError, match="resize_mode='longest'.*--no-processor"):
+        convert_checkpoint(folder, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

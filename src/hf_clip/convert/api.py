@@ -30,11 +30,12 @@ from .open_clip_config import (
     OPEN_CLIP_CONFIG,
     apply_open_clip_config,
     find_open_clip_config,
+    find_open_clip_preprocess,
     open_clip_activation,
     open_clip_weights_file,
 )
 from .openai import OPENAI_EXTRA_KEYS, openai_rules
-from .processor import check_processor_vocabulary, save_processor_files
+from .processor import check_processor_vocabulary, image_settings, save_processor_files
 from .rules import ConversionError, apply_rules, check_shapes, invert_rules
 from .transformers import (
     TRANSFORMERS_EXTRA_KEYS,
@@ -166,6 +167,15 @@ def load_hf_clip_state_dict(
     return state_dict, config
 
 
+def _source_image_settings(src: Path) -> dict:
+    """The preprocessing an open_clip source states in its open_clip_config.json (as `load_hf_clip_state_dict`
+    finds it: a folder without config.json, or beside a weights file); OpenAI's otherwise."""
+    if src.is_dir() and (src / "config.json").is_file():
+        return {}
+    preprocess = find_open_clip_preprocess(src)
+    return image_settings(preprocess, str((src if src.is_dir() else src.parent) / OPEN_CLIP_CONFIG))
+
+
 def _build(model_class: type, config: object, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     """Instantiate without random initialisation (every weight is overwritten) and load strictly."""
     with no_init_weights():
@@ -263,6 +273,7 @@ def convert_checkpoint(
         )
     if processor:
         check_processor_vocabulary(config)
+        image = _source_image_settings(Path(src))
         # A missing vocabulary file is reported before any weights are written.
         if bpe_vocab is None:
             _find_openai_bpe()
@@ -278,7 +289,7 @@ def convert_checkpoint(
     try:
         model.save_pretrained(tmp)
         if processor:
-            save_processor_files(tmp, config, bpe_vocab, flavour=to)
+            save_processor_files(tmp, config, bpe_vocab, flavour=to, image=image)
         _give_files_open_modes(tmp)
         _publish(tmp, out_dir)
     except BaseException:

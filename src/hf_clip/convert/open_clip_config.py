@@ -27,8 +27,7 @@ OPEN_CLIP_WEIGHT_FILES = (
 )
 
 
-def find_open_clip_config(src: Path) -> dict[str, Any] | None:
-    """The `model_cfg` of the open_clip_config.json in folder `src` or beside file `src`, if there is one."""
+def _read_open_clip_config(src: Path) -> dict[str, Any] | None:
     path = (src if src.is_dir() else src.parent) / OPEN_CLIP_CONFIG
     if not path.is_file():
         return None
@@ -36,7 +35,21 @@ def find_open_clip_config(src: Path) -> dict[str, Any] | None:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ConversionError(f"{path} could not be read as JSON ({error}).") from error
-    return config.get("model_cfg", config)
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path} does not hold a JSON object.")
+    return config
+
+
+def find_open_clip_config(src: Path) -> dict[str, Any] | None:
+    """The `model_cfg` of the open_clip_config.json in folder `src` or beside file `src`, if there is one."""
+    config = _read_open_clip_config(src)
+    return None if config is None else config.get("model_cfg", config)
+
+
+def find_open_clip_preprocess(src: Path) -> dict[str, Any] | None:
+    """The `preprocess_cfg` (mean, std, interpolation, resize_mode) of that open_clip_config.json, if any."""
+    config = _read_open_clip_config(src)
+    return None if config is None or "model_cfg" not in config else config.get("preprocess_cfg") or {}
 
 
 def open_clip_weights_file(folder: Path) -> Path:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 from os import PathLike
 from pathlib import Path
+from typing import Any
+
+from transformers.image_utils import PILImageResampling
 
 from ..configuration_hf_clip import HfClipConfig
 from ..image_processing_hf_clip import HfClipImageProcessor
@@ -17,9 +20,58 @@ from ..processing_hf_clip import HfClipProcessor
 from ..tokenization_hf_clip import END_OF_TEXT, START_OF_TEXT, HfClipTokenizer
 from .rules import ConversionError
 
-__all__ = ["check_processor_vocabulary", "save_processor_files"]
+__all__ = ["check_processor_vocabulary", "image_settings", "save_processor_files"]
 
 _OPENAI_VOCAB_SIZE = 49408
+# open_clip's interpolation names; "random" (a training option) resizes bicubic at inference, as open_clip does.
+_RESAMPLE = {
+    "bicubic": PILImageResampling.BICUBIC,
+    "bilinear": PILImageResampling.BILINEAR,
+    "random": PILImageResampling.BICUBIC,
+}
+
+
+def _three(value: Any, name: str, source: str) -> list[float]:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * 3
+    if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+        raise ConversionError(f"{source}: {name}={value!r} is not three numbers (one per RGB channel).")
+    return [float(v) for v in values]
+
+
+def image_settings(
+    open_clip_preprocess: dict[str, Any] | None, source: str = "open_clip_config.json"
+) -> dict:
+    """Image-processor settings of an open_clip model (`preprocess_cfg` of its open_clip_config.json).
+
+    open_clip models are not all preprocessed like OpenAI's: LAION's ViT-L/14 (laion2b_s32b_b82k) normalises
+    with mean = std = 0.5, DFN's ViT-H/14 resizes the whole image to a square ("squash") instead of cropping
+    it. "longest" (resize the long side and pad) has no hf_clip equivalent and is refused."""
+    cfg = open_clip_preprocess or {}
+    settings: dict[str, Any] = {}
+    if "mean" in cfg:
+        settings["image_mean"] = _three(cfg["mean"], "mean", source)
+    if "std" in cfg:
+        settings["image_std"] = _three(cfg["std"], "std", source)
+    interpolation = cfg.get("interpolation", "bicubic")
+    if interpolation not in _RESAMPLE:
+        raise ConversionError(f"{source}: interpolation={interpolation!r} is not one of {sorted(_RESAMPLE)}.")
+    settings["resample"] = _RESAMPLE[interpolation]
+    resize_mode = cfg.get("resize_mode", "shortest")
+    if resize_mode == "squash":
+        settings["squash"] = True
+    elif resize_mode != "shortest":
+        raise ConversionError(
+            f"{source}: resize_mode={resize_mode!r} (resize the longest side, then pad) has no equivalent in "
+            "the image processor; convert without one (processor=False, CLI: --no-processor)."
+        )
+    return settings
+
+
+def _image_kwargs(size: int, settings: dict[str, Any]) -> dict[str, Any]:
+    kwargs = {k: v for k, v in settings.items() if k != "squash"}
+    if settings.get("squash"):  # open_clip's Resize((size, size)): the whole image, no crop
+        return {**kwargs, "size": {"height": size, "width": size}, "do_center_crop": False}
+    return {**kwargs, "size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
 
 
 def _transformers_tokenizer(openai: HfClipTokenizer, max_length: int):
@@ -48,8 +100,11 @@ def save_processor_files(
     config: HfClipConfig,
     bpe_vocab: str | PathLike | None = None,
     flavour: str = "hf_clip",
+    image: dict[str, Any] | None = None,
 ) -> None:
-    """Write the tokenizer and image processor next to the weights (`flavour`: "hf_clip" or "transformers")."""
+    """Write the tokenizer and image processor next to the weights (`flavour`: "hf_clip" or "transformers").
+
+    `image`: settings from `image_settings` (mean, std, resampling, squash); OpenAI's by default."""
     check_processor_vocabulary(config)
     if flavour not in ("hf_clip", "transformers"):
         raise ValueError(f"flavour={flavour!r}; use 'hf_clip' or 'transformers'.")
@@ -59,14 +114,12 @@ def save_processor_files(
     if flavour == "transformers":
         from transformers import CLIPImageProcessor, CLIPProcessor
 
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-        )
+        image_processor = CLIPImageProcessor(**_image_kwargs(size, image or {}))
         processor = CLIPProcessor(
             image_processor=image_processor, tokenizer=_transformers_tokenizer(tokenizer, max_length)
         )
     else:
         processor = HfClipProcessor(
-            image_processor=HfClipImageProcessor.for_image_size(size), tokenizer=tokenizer
+            image_processor=HfClipImageProcessor(**_image_kwargs(size, image or {})), tokenizer=tokenizer
         )
     processor.save_pretrained(Path(out_dir))
