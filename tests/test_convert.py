@@ -810,3 +810,23 @@ def test_open_clip_preprocessing_is_carried_into_the_processor(tmp_path):
     with pytest.raises(ConversionError, match="resize_mode='longest'.*--no-processor"):
         convert_checkpoint(folder, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+def test_model_folder_preprocessing_survives_conversion(tmp_path):
+    """A transformers folder's saved image processor (LAION's mean = std = 0.5) was replaced by OpenAI's."""
+    from transformers import CLIPImageProcessor
+
+    config = _tiny_clip_config()
+    config.text_config.vocab_size, config.text_config.eos_token_id = 49408, 49407
+    config.text_config.bos_token_id = 49406
+    _transformers_reference(config).save_pretrained(tmp_path / "transformers")
+    CLIPImageProcessor(
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2, size={"shortest_edge": 48}, crop_size=48
+    ).save_pretrained(tmp_path / "transformers")
+    hf_dir = convert_checkpoint(tmp_path / "transformers", tmp_path / "hf")
+    image_processor = HfClipImageProcessor.from_pretrained(hf_dir)
+    assert list(image_processor.image_mean) == list(image_processor.image_std) == [0.5] * 3
+    assert int(image_processor.resample) == 2 and image_processor.crop_size["height"] == 48
+    back = convert_checkpoint(hf_dir, tmp_path / "back", to="transformers")
+    restored = CLIPProcessor.from_pretrained(back).image_processor
+    assert list(restored.image_mean) == [0.5] * 3 and int(restored.resample) == 2

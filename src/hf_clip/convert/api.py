@@ -35,7 +35,12 @@ from .open_clip_config import (
     open_clip_weights_file,
 )
 from .openai import OPENAI_EXTRA_KEYS, openai_rules
-from .processor import check_processor_vocabulary, image_settings, save_processor_files
+from .processor import (
+    check_processor_vocabulary,
+    image_settings,
+    model_folder_image_settings,
+    save_processor_files,
+)
 from .rules import ConversionError, apply_rules, check_shapes, invert_rules
 from .transformers import (
     TRANSFORMERS_EXTRA_KEYS,
@@ -168,10 +173,10 @@ def load_hf_clip_state_dict(
 
 
 def _source_image_settings(src: Path) -> dict:
-    """The preprocessing an open_clip source states in its open_clip_config.json (as `load_hf_clip_state_dict`
-    finds it: a folder without config.json, or beside a weights file); OpenAI's otherwise."""
+    """The preprocessing the source states: a model folder's saved image processor, or an open_clip source's
+    open_clip_config.json (a folder without config.json, or beside a weights file); OpenAI's otherwise."""
     if src.is_dir() and (src / "config.json").is_file():
-        return {}
+        return model_folder_image_settings(src)
     preprocess = find_open_clip_preprocess(src)
     return image_settings(preprocess, str((src if src.is_dir() else src.parent) / OPEN_CLIP_CONFIG))
 

@@ -20,7 +20,12 @@ from ..processing_hf_clip import HfClipProcessor
 from ..tokenization_hf_clip import END_OF_TEXT, START_OF_TEXT, HfClipTokenizer
 from .rules import ConversionError
 
-__all__ = ["check_processor_vocabulary", "image_settings", "save_processor_files"]
+__all__ = [
+    "check_processor_vocabulary",
+    "image_settings",
+    "model_folder_image_settings",
+    "save_processor_files",
+]
 
 _OPENAI_VOCAB_SIZE = 49408
 # open_clip's interpolation names; "random" (a training option) resizes bicubic at inference, as open_clip does.
@@ -65,6 +70,33 @@ def image_settings(
             "the image processor; convert without one (processor=False, CLI: --no-processor)."
         )
     return settings
+
+
+def model_folder_image_settings(folder: Path) -> dict[str, Any]:
+    """Image-processor settings saved in a transformers or hf_clip model folder (preprocessor_config.json, or
+    the image_processor entry of processor_config.json), so that a round trip keeps them; OpenAI's if none."""
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConversionError(f"{path} could not be read as JSON ({error}).") from error
+        saved = saved.get(key) if key and isinstance(saved, dict) else saved
+        if not isinstance(saved, dict):
+            continue
+        settings: dict[str, Any] = {}
+        for field in ("image_mean", "image_std"):
+            if saved.get(field) is not None:
+                settings[field] = _three(saved[field], field, str(path))
+        if saved.get("resample") is not None:
+            settings["resample"] = PILImageResampling(int(saved["resample"]))
+        size = saved.get("size") or {}
+        if saved.get("do_center_crop") is False and {"height", "width"} <= set(size):
+            settings["squash"] = True
+        return settings
+    return {}
 
 
 def _image_kwargs(size: int, settings: dict[str, Any]) -> dict[str, Any]:
