@@ -830,3 +830,20 @@ def test_model_folder_preprocessing_survives_conversion(tmp_path):
     back = convert_checkpoint(hf_dir, tmp_path / "back", to="transformers")
     restored = CLIPProcessor.from_pretrained(back).image_processor
     assert list(restored.image_mean) == [0.5] * 3 and int(restored.resample) == 2
+
+
+def test_config_option_takes_a_transformers_config(tmp_path):
+    """A bare transformers weights file whose heads are not width / 64, named by its own config.json: read as
+    an hf_clip config, the legacy eos_token_id=2 made the text tower pool at token 2."""
+    reference = _transformers_reference(_tiny_clip_config(heads=2, eos_token_id=2))
+    reference.save_pretrained(tmp_path / "transformers")
+    weights = tmp_path / "transformers" / "model.safetensors"
+    for config in (tmp_path / "transformers" / "config.json", tmp_path / "transformers"):
+        out = convert_checkpoint(
+            weights, tmp_path / "out", processor=False, config=str(config), overwrite=True
+        )
+        model = HfClipModel.from_pretrained(out).eval()
+        assert model.config.text_config.num_attention_heads == 2
+        _assert_transformers_parity(reference, model)
+    with pytest.raises(FileNotFoundError, match=r"--config \(config=\): no config file at .*missing\.json"):
+        convert_checkpoint(weights, tmp_path / "out2", processor=False, config=str(tmp_path / "missing.json"))

@@ -97,11 +97,29 @@ def _set_activation(config: HfClipConfig, activation: str) -> None:
     config.vision_config.hidden_act = activation
 
 
+def _config_file(path: Path) -> HfClipConfig:
+    """An hf_clip config.json, or a transformers one (translated: its legacy eos_token_id=2 means "pool at
+    the highest id", which read as an hf_clip config would pool at token 2); a folder stands for its config."""
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--config (config=): no config file at {path}.")
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise ValueError(f"--config (config=): {path} is not a JSON config ({error}).") from error
+    if model_type == "clip":
+        return config_from_transformers(CLIPConfig.from_json_file(path))
+    if model_type not in (None, HfClipConfig.model_type):
+        raise ConversionError(f"--config (config=): {path} describes a '{model_type}' model, not a CLIP.")
+    return HfClipConfig.from_json_file(path)
+
+
 def _given_config(config: HfClipConfig | str, activation: str | None = None) -> HfClipConfig:
     if isinstance(config, HfClipConfig):
         return config
-    if str(config).endswith(".json"):
-        return HfClipConfig.from_json_file(config)
+    if str(config).endswith(".json") or Path(config).expanduser().is_dir():
+        return _config_file(Path(config).expanduser())
     preset = HfClipConfig.from_preset(config)
     if activation is None and "/" not in str(config) and not str(config).endswith("-quickgelu"):
         if preset.vision_config.hidden_act == "quick_gelu":

@@ -53,7 +53,8 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     parser.add_argument(
         "--config",
         default=None,
-        help="preset name (e.g. ViT-H-14) or config.json, for OpenAI/open_clip files whose heads are not width/64",
+        help="preset name (e.g. ViT-H-14), or an hf_clip or transformers config.json (or its folder), for weights "
+        "files whose heads are not width/64",
     )
     parser.add_argument(
         "--no-processor",
