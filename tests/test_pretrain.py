@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hf_clip._io import umask
 from hf_clip.training import PretrainArguments, run_pretraining
 from hf_clip.training.pretraining import NonFiniteLossError, _checkpoints
 
@@ -67,6 +68,8 @@ def test_builtin_run_saves_a_loadable_model(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     run = tmp_path / "run"
     assert (run / "model.safetensors").exists() and (run / "results.json").exists()
+    # The mode open() gives (transformers writes the weights through a private 0600 temporary file).
+    assert (run / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask()
     model = AutoModel.from_pretrained(run)
     processor = AutoProcessor.from_pretrained(run)
     assert model.config.text_config.vocab_size == len(processor.tokenizer)

@@ -13,6 +13,16 @@ def umask() -> int:
     return mask
 
 
+def give_open_modes(folder: str | os.PathLike) -> None:
+    """Give every file under `folder` the mode `open()` would (0666 less the umask). transformers'
+    `save_pretrained` writes the weights through a private temporary file: model.safetensors came out 0600,
+    unreadable by the group and others in a shared folder whose other files are 0644."""
+    mode = 0o666 & ~umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)` on a temporary file beside `path`, then rename it over `path`.
 

@@ -20,7 +20,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 from transformers.initialization import no_init_weights
 
-from .._io import umask
+from .._io import give_open_modes, umask
 from ..configuration_hf_clip import ACTIVATIONS, HfClipConfig
 from ..modeling_hf_clip import HfClipModel
 from ..tokenization_hf_clip import _find_openai_bpe
@@ -223,16 +223,6 @@ def _prepare_output(out_dir: Path, overwrite: bool, src: Path) -> None:
         )
 
 
-def _give_files_open_modes(folder: Path) -> None:
-    """Give the written files the mode `open()` would (0666 less the umask): transformers writes the weights
-    through a private temporary file, which left model.safetensors 0600, unreadable by the group and others
-    in a shared folder whose other files are 0644."""
-    mode = 0o666 & ~umask()
-    for path in folder.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            path.chmod(mode)
-
-
 def _publish(tmp: Path, out_dir: Path) -> None:
     """Move the finished files into place, so a crash never leaves a half-written model behind.
 
@@ -313,7 +303,7 @@ def convert_checkpoint(
         model.save_pretrained(tmp)
         if processor:
             save_processor_files(tmp, config, bpe_vocab, flavour=to, image=image)
-        _give_files_open_modes(tmp)
+        give_open_modes(tmp)
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

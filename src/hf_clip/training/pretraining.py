@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, give_open_modes
 from ..configuration_hf_clip import HfClipConfig
 from ..modeling_hf_clip import HfClipModel
 from .accumulation import average_gradients, contrastive_accumulation_step
@@ -813,6 +813,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
             if is_deepspeed:  # config.json names the model's (16-bit) dtype; the weights saved are fp32
                 raw_model.config.dtype = "float32"
                 raw_model.config.save_pretrained(staging)
+            give_open_modes(staging)
             processor.save_pretrained(staging)
             for entry in sorted(staging.iterdir()):
                 os.replace(entry, output_dir / entry.name)
