@@ -284,6 +284,7 @@ def test_push_uploads_the_expected_files(published, tmp_path, monkeypatch):
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "create_branch", lambda self, repo_id, **kw: calls.setdefault("branch", kw))
     parser = argparse.ArgumentParser()
     add_push_parser(parser.add_subparsers())
     args = parser.parse_args(["push", str(folder), "someone/tiny-clip", "--private", "--revision", "dev"])
@@ -292,7 +293,11 @@ def test_push_uploads_the_expected_files(published, tmp_path, monkeypatch):
     repo_id, kwargs = calls["create_repo"]
     assert repo_id == "someone/tiny-clip" and kwargs["private"] is True
     repo_id, files, kwargs = calls["upload_folder"]
-    assert kwargs["revision"] == "dev"
+    assert kwargs["revision"] == "dev" and calls["branch"] == {
+        "branch": "dev",
+        "repo_type": "model",
+        "exist_ok": True,
+    }
     weights_and_processor = {
         "config.json",
         "model.safetensors",
@@ -359,3 +364,72 @@ def test_push_failure_is_one_line_naming_the_checks(published, tmp_path, monkeyp
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main(["push", str(folder), "someone/tiny-clip"])
+
+
+class FakeHub:
+    """HfApi's repository, branch and upload calls against an in-memory Hub that behaves like the real one where
+    it matters here: a commit to a branch that does not exist fails (404), and upload_folder filters files with
+    huggingface_hub's own pattern matcher."""
+
+    def __init__(self, monkeypatch):
+        from huggingface_hub import HfApi
+
+        self.branches: dict[str, set[str]] = {}
+        self.commits: list[tuple[str, str, list[str], dict]] = []
+        hub_ = self
+
+        def create_repo(api, repo_id, **kwargs):
+            hub_.branches.setdefault(repo_id, {"main"})
+            return SimpleNamespace(repo_id=repo_id)
+
+        def create_branch(api, repo_id, *, branch, exist_ok=False, **kwargs):
+            if branch in hub_.branches[repo_id] and not exist_ok:
+                raise AssertionError("branch exists")
+            hub_.branches[repo_id].add(branch)
+
+        def upload_folder(api, *, folder_path, repo_id, revision=None, ignore_patterns=None, **kwargs):
+            from huggingface_hub.errors import RevisionNotFoundError
+            from huggingface_hub.utils import filter_repo_objects
+
+            try:
+                import httpx2 as http
+            except ImportError:
+                import httpx as http
+            if (
+                not (revision or "main").startswith("refs/pr/")
+                and (revision or "main") not in hub_.branches[repo_id]
+            ):
+                request = http.Request("POST", f"https://hub.invalid/api/models/{repo_id}/commit/{revision}")
+                raise RevisionNotFoundError(
+                    f"404 Client Error. Invalid rev id: {revision}",
+                    response=http.Response(404, request=request),
+                )
+            root = Path(folder_path)
+            files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+            files = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+            hub_.commits.append((repo_id, revision or "main", files, kwargs))
+            return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}/commit/{len(hub_.commits)}")
+
+        for name, fn in (
+            ("create_repo", create_repo),
+            ("create_branch", create_branch),
+            ("upload_folder", upload_folder),
+        ):
+            monkeypatch.setattr(HfApi, name, fn)
+
+
+def test_push_to_a_new_branch_creates_it(published, tmp_path, monkeypatch, capsys):
+    # `--revision` is documented as the branch to push to; upload_folder alone fails on a branch the repository
+    # does not have yet, so the push must create it first (as transformers' push_to_hub does).
+    from hf_clip.cli import main
+
+    fake = FakeHub(monkeypatch)
+    folder = shutil.copytree(published["prepared"], tmp_path / "model")
+    assert main(["push", str(folder), "someone/tiny-clip", "--revision", "dev"]) == 0, capsys.readouterr().err
+    assert fake.branches["someone/tiny-clip"] == {"main", "dev"}
+    assert [(repo, branch) for repo, branch, _, _ in fake.commits] == [("someone/tiny-clip", "dev")]
+    # Pushing again to the now existing branch works too, and a pull request ref is not made a branch.
+    assert main(["push", str(folder), "someone/tiny-clip", "--revision", "dev"]) == 0
+    assert main(["push", str(folder), "someone/tiny-clip", "--revision", "refs/pr/1"]) == 0
+    assert fake.branches["someone/tiny-clip"] == {"main", "dev"}
+    assert [branch for _, branch, _, _ in fake.commits] == ["dev", "dev", "refs/pr/1"]

@@ -57,7 +57,14 @@ _AUTO_MAP_FILES = {
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-UPLOAD_IGNORE = [".*", "**/.*", "__pycache__/*", "*.pyc", "*.tmp", *[f"*{s}" for s in UNSAFE_WEIGHT_SUFFIXES]]
+UPLOAD_IGNORE = [
+    ".*",
+    "**/.*",
+    "__pycache__/*",
+    "*.pyc",
+    "*.tmp",
+    *[f"*{s}" for s in UNSAFE_WEIGHT_SUFFIXES],
+]
 
 
 def _check_portable(path: Path) -> list[str]:
@@ -213,9 +220,18 @@ def push_folder(
         _ensure_card(model_dir, results)
     api = HfApi(token=token, library_name="hf_clip")
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    repo_id = getattr(repo_url, "repo_id", repo_id)
+    if revision is not None and not revision.startswith("refs/pr/"):
+        # upload_folder commits only to an existing branch; create it the way transformers' push_to_hub does.
+        try:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        except Exception as error:
+            # A pull request on a repository one cannot write to: the branch must already exist there.
+            if not (create_pr and getattr(getattr(error, "response", None), "status_code", None) == 403):
+                raise
     return api.upload_folder(
         folder_path=str(model_dir),
-        repo_id=getattr(repo_url, "repo_id", repo_id),
+        repo_id=repo_id,
         repo_type="model",
         revision=revision,
         create_pr=create_pr,
@@ -239,7 +255,7 @@ def add_push_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--private", action="store_true", default=None, help="Create the repository as private."
     )
-    parser.add_argument("--revision", help="Branch to push to.")
+    parser.add_argument("--revision", help="Branch to push to (created from main if it does not exist).")
     parser.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing.")
     parser.add_argument("--commit-message", default="Upload hf_clip model")
     parser.add_argument(
