@@ -433,3 +433,25 @@ def test_push_to_a_new_branch_creates_it(published, tmp_path, monkeypatch, capsy
     assert main(["push", str(folder), "someone/tiny-clip", "--revision", "refs/pr/1"]) == 0
     assert fake.branches["someone/tiny-clip"] == {"main", "dev"}
     assert [branch for _, branch, _, _ in fake.commits] == ["dev", "dev", "refs/pr/1"]
+
+
+def test_push_uploads_only_the_model_files_not_training_state(published, tmp_path, monkeypatch):
+    # examples/pretrain.py writes its model into --output_dir next to checkpoints/step_N (each with a full
+    # model.safetensors), TensorBoard logs and a tokenizer/ copy; pushing that folder uploads the model only.
+    fake = FakeHub(monkeypatch)
+    folder = shutil.copytree(published["prepared"], tmp_path / "pretrain")
+    for step in (2, 4):
+        checkpoint = folder / "checkpoints" / f"step_{step}"
+        checkpoint.mkdir(parents=True)
+        shutil.copyfile(folder / "model.safetensors", checkpoint / "model.safetensors")
+        (checkpoint / "progress.json").write_text("{}")
+        (checkpoint / "optimizer.bin").write_bytes(b"pickle")
+    (folder / "hf_clip_pretrain" / "123").mkdir(parents=True)
+    (folder / "hf_clip_pretrain" / "123" / "events.out.tfevents.1").write_bytes(b"log")
+    (folder / "hf_clip_pretrain" / "hparams.yml").write_text("lr: 1\n")
+    (folder / "tokenizer").mkdir()
+    shutil.copyfile(folder / "tokenizer.json", folder / "tokenizer" / "tokenizer.json")
+    hub.push_folder(folder, "someone/tiny-clip")
+    ((_, _, files, _),) = fake.commits
+    assert [f for f in files if "/" in f] == []
+    assert {"config.json", "model.safetensors", "tokenizer.json", *CODE_FILES} <= set(files)

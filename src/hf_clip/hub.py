@@ -57,9 +57,12 @@ _AUTO_MAP_FILES = {
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Only the folder's own files go up: a save_pretrained folder is flat, and a subfolder is training state (the
+# pretraining script's checkpoints/step_N with full model copies, TensorBoard logs, a tokenizer/ copy).
 UPLOAD_IGNORE = [
     ".*",
     "**/.*",
+    "*/*",
     "__pycache__/*",
     "*.pyc",
     "*.tmp",
@@ -218,6 +221,14 @@ def push_folder(
     prepare_for_hub(model_dir)
     if write_card:
         _ensure_card(model_dir, results)
+    skipped = sorted(p.name + "/" for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if skipped:
+        logger.warning(
+            "Not uploading the subfolders %s of %s: a saved model is flat, and subfolders hold training "
+            "state (checkpoints, logs, a spare tokenizer copy).",
+            ", ".join(skipped),
+            model_dir,
+        )
     api = HfApi(token=token, library_name="hf_clip")
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     repo_id = getattr(repo_url, "repo_id", repo_id)
