@@ -265,3 +265,34 @@ def test_measured_results_keep_their_split_and_sample_cut(tmp_path):
         == "Top-1 accuracy (measured with hf_clip on the first 12 examples only)"
     )
     assert "| zero-shot | colours (train split), first 12 examples | Top-1 accuracy | 83.33 |" in text
+
+
+def test_a_model_the_card_would_misdescribe_is_not_identified():
+    # open_clip's LAION ViT-B-32 weights have the paper's sizes but exact GELU; the card states QuickGELU and
+    # files OpenAI's ImageNet figure in model-index, so such a model gets no paper card.
+    for config in (
+        HfClipConfig.from_preset("ViT-B/32", hidden_act="gelu"),
+        HfClipConfig.from_preset("ViT-B/32", text_config={"num_attention_heads": 16}),
+        HfClipConfig.from_preset("RN50", vision_config={"num_attention_heads": 16}),
+        HfClipConfig.from_preset("ViT-B/16", logit_bias_init_value=-10.0),
+        HfClipConfig.from_preset("ViT-L/14", text_config={"max_position_embeddings": 64}),
+    ):
+        with pytest.raises(ValueError, match="not one of the paper's nine"):
+            identify_paper_model(config)
+    with pytest.raises(ValueError, match=r"closest is ViT-B-32, which differs in vision_activation: gelu"):
+        identify_paper_model(HfClipConfig.from_preset("ViT-B/32", hidden_act="gelu"))
+
+
+def test_card_cli_refuses_a_preset_the_model_does_not_have(tmp_path, capsys):
+    # --preset must not put the paper's sizes (151.3 M parameters, width 768, ...) on a model of other sizes.
+    from hf_clip.cli import main
+
+    model_dir = tmp_path / "model"
+    HfClipConfig.from_preset("ViT-B/32", vision_config={"hidden_size": 64}).save_pretrained(model_dir)
+    assert main(["card", "--model", str(model_dir), "--preset", "ViT-B/32"]) == 2
+    err = capsys.readouterr().err
+    assert "This model is not ViT-B-32" in err and "width 64" in err, err
+    assert not (model_dir / "README.md").exists()
+    HfClipConfig.from_preset("ViT-B/32").save_pretrained(model_dir)
+    assert main(["card", "--model", str(model_dir), "--preset", "ViT-B-32"]) == 0
+    assert (model_dir / "README.md").read_text(encoding="utf-8") == render_card("ViT-B-32")

@@ -315,23 +315,58 @@ def write_paper_cards(directory: str | os.PathLike) -> list[Path]:
 # Which paper model a saved folder holds
 
 
-def _signature(config: HfClipConfig) -> tuple:
-    v, t = config.vision_config, config.text_config
-    layers = tuple(v.resnet_layers) if v.vision_type == "resnet" else v.num_hidden_layers
-    return (v.vision_type, v.image_size, v.patch_size, v.hidden_size, layers, t.hidden_size, t.num_hidden_layers,
-            config.projection_dim)  # fmt: skip
+def _card_facts(config: HfClipConfig) -> dict[str, Any]:
+    """What a card states about a model's architecture, which must hold for the model the card describes: the
+    architecture table, the activation (the template states QuickGELU), the MLP widths (the parameter count)
+    and the loss (the template states the contrastive loss, not a sigmoid one with a logit bias)."""
+    vision, text = config.vision_config, config.text_config
+    facts = {key: value for key, value in _architecture(config).items() if key != "architecture_notes"}
+    facts.update(
+        vision_activation=vision.hidden_act,
+        text_activation=text.hidden_act,
+        vision_intermediate_size=vision.intermediate_size,
+        text_intermediate_size=text.intermediate_size,
+        logit_bias=config.logit_bias_init_value is not None,
+    )
+    return facts
+
+
+def _differences(config: HfClipConfig, model: PaperModel) -> list[str]:
+    ours, paper = _card_facts(config), _card_facts(HfClipConfig.from_preset(model.preset))
+    return [f"{key}: {ours[key]} (the paper's {paper[key]})" for key in paper if ours[key] != paper[key]]
 
 
 def identify_paper_model(config: HfClipConfig) -> PaperModel:
-    """The paper model whose architecture `config` has; a clear error for any other size."""
-    signature = _signature(config)
-    for model in PAPER_MODELS.values():
-        if _signature(HfClipConfig.from_preset(model.preset)) == signature:
-            return model
-    raise ValueError(
-        "This model's architecture is not one of the paper's nine models, so its card cannot quote the paper; "
-        f"pass --preset NAME if it is one of {', '.join(PAPER_MODELS)} with changed sizes."
+    """The paper model whose architecture `config` has; a clear error for any other size or activation."""
+    differences = {model.name: _differences(config, model) for model in PAPER_MODELS.values()}
+    for name, diff in differences.items():
+        if not diff:
+            return PAPER_MODELS[name]
+    vision_type = config.vision_config.vision_type
+    closest = min(
+        differences,
+        key=lambda name: (
+            HfClipConfig.from_preset(PAPER_MODELS[name].preset).vision_config.vision_type != vision_type,
+            len(differences[name]),
+        ),
     )
+    raise ValueError(
+        "This model's architecture is not one of the paper's nine models, so a card quoting the paper's sizes "
+        f"and results would misdescribe it; closest is {closest}, which differs in "
+        f"{'; '.join(differences[closest])}. Write the model card yourself."
+    )
+
+
+def check_paper_model(config: HfClipConfig, name: str) -> PaperModel:
+    """The paper model `name`, or a clear error when `config` is not its architecture."""
+    model = paper_model(name)
+    differences = _differences(config, model)
+    if differences:
+        raise ValueError(
+            f"This model is not {model.name}: it differs in {'; '.join(differences)}, so the {model.name} card "
+            "would misdescribe it. Write the model card yourself."
+        )
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,7 +384,10 @@ def add_card_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--results", nargs="*", default=[], help="Results JSON files from `hf-clip eval ...`."
     )
-    parser.add_argument("--preset", help="Paper model name, when it cannot be read from the config.")
+    parser.add_argument(
+        "--preset",
+        help="Paper model name (default: read from the config); the model must have its architecture.",
+    )
     parser.add_argument("--output", help="Where to write the card (default MODEL/README.md).")
     parser.set_defaults(func=run_card)
     return parser
@@ -361,10 +399,8 @@ def run_card(args: argparse.Namespace) -> Path:
         raise FileNotFoundError(
             f"{model_dir / 'config.json'} not found; --model must be a saved hf_clip folder."
         )
-    if args.preset:
-        name = paper_model(args.preset).name
-    else:
-        name = identify_paper_model(HfClipConfig.from_pretrained(model_dir)).name
+    config = HfClipConfig.from_pretrained(model_dir)
+    name = (check_paper_model(config, args.preset) if args.preset else identify_paper_model(config)).name
     results = [load_results(p) for p in args.results]
     path = atomic_write_text(
         Path(args.output) if args.output else model_dir / "README.md", render_card(name, results)
@@ -377,6 +413,7 @@ __all__ = [
     "PAPER_MODELS",
     "PaperModel",
     "add_card_parser",
+    "check_paper_model",
     "identify_paper_model",
     "load_results",
     "measured_eval_results",

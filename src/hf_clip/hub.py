@@ -197,7 +197,7 @@ def _ensure_card(model_dir: Path, results: Sequence[str | os.PathLike]) -> None:
     except ValueError as err:
         if results:
             raise
-        logger.warning("No model card written: %s Write README.md yourself before sharing the model.", err)
+        logger.warning("No model card written: %s", err)
         return
     atomic_write_text(model_dir / "README.md", render_card(name, [load_results(p) for p in results]))
 
