@@ -296,3 +296,26 @@ def test_card_cli_refuses_a_preset_the_model_does_not_have(tmp_path, capsys):
     HfClipConfig.from_preset("ViT-B/32").save_pretrained(model_dir)
     assert main(["card", "--model", str(model_dir), "--preset", "ViT-B-32"]) == 0
     assert (model_dir / "README.md").read_text(encoding="utf-8") == render_card("ViT-B-32")
+
+
+def test_card_refuses_results_of_another_model(tmp_path, capsys):
+    # `hf-clip eval` writes every model's results to the same default --output_dir under names without the
+    # model (zero-shot_imagenet-1k.json), so `--results eval_results/*.json` may hold another model's numbers,
+    # which the card would file as measured on this checkpoint.
+    from hf_clip.cli import main
+
+    ours, other, copy = tmp_path / "rn50", tmp_path / "b32", tmp_path / "rn50-copy"
+    for folder, preset in ((ours, "RN50"), (other, "ViT-B/32"), (copy, "RN50")):
+        HfClipConfig.from_preset(preset).save_pretrained(folder)
+        (folder / "model.safetensors").write_bytes(b"weights")
+    zero_shot = json.loads(_results_files(tmp_path)[0].read_text())
+    results = tmp_path / "zero-shot_imagenet-1k.json"
+    results.write_text(json.dumps({**zero_shot, "model": str(other)}))
+    assert main(["card", "--model", str(ours), "--results", str(results)]) == 2
+    assert f"holds results of the model in {other}, not of {ours}" in capsys.readouterr().err
+    assert not (ours / "README.md").exists()
+    # Its own results, a copy's, and those of a folder no longer there (cannot be checked) are taken.
+    for model in (str(ours), str(copy), str(tmp_path / "moved")):
+        results.write_text(json.dumps({**zero_shot, "model": model}))
+        assert main(["card", "--model", str(ours), "--results", str(results)]) == 0
+        assert "| zero-shot | imagenet-1k | Top-1 accuracy | 63.12 |" in (ours / "README.md").read_text()

@@ -126,8 +126,9 @@ def _architecture(config: HfClipConfig) -> dict[str, Any]:
 # Results -> model-index
 
 
-def load_results(path: str | os.PathLike) -> dict[str, Any]:
-    """A results JSON written by hf_clip.evaluation (keys dataset, model, task, metrics)."""
+def load_results(path: str | os.PathLike, model_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A results JSON written by hf_clip.evaluation (keys dataset, model, task, metrics); with `model_dir`, an
+    error when the file records another model folder (see `_check_evaluated_model`)."""
     with open(path, encoding="utf-8") as f:
         result = json.load(f)
     missing = [k for k in ("dataset", "model", "task", "metrics") if k not in result]
@@ -138,7 +139,39 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
         )
     if result["task"] not in _TASKS:
         raise ValueError(f"{path}: unknown task {result['task']!r}; cards know {sorted(_TASKS)}.")
+    if model_dir is not None:
+        _check_evaluated_model(result, path, Path(model_dir))
     return result
+
+
+def _same_model_folder(a: Path, b: Path) -> bool:
+    """The same folder, or a copy of it: equal config.json (up to what `hf-clip push` and the saving version
+    add) and weights of equal size."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        configs = [json.loads((d / "config.json").read_text(encoding="utf-8")) for d in (a, b)]
+        for config in configs:
+            config.pop("auto_map", None)
+            config.pop("transformers_version", None)
+        sizes = [(d / "model.safetensors").stat().st_size for d in (a, b)]
+    except (OSError, ValueError):
+        return False
+    return configs[0] == configs[1] and sizes[0] == sizes[1]
+
+
+def _check_evaluated_model(result: dict[str, Any], path: str | os.PathLike, model_dir: Path) -> None:
+    """Refuse results of another model: `hf-clip eval` writes every model's results to the same default
+    --output_dir under names without the model (zero-shot_cifar10.json), so `--results eval_results/*.json`
+    can hold another model's numbers, which the card would present as measured on this checkpoint. The file
+    records the --model it was run with; a folder that no longer exists there (moved, or evaluated from
+    another working directory) cannot be checked and is accepted."""
+    evaluated = Path(str(result["model"])).expanduser()
+    if evaluated.is_dir() and not _same_model_folder(evaluated, model_dir):
+        raise ValueError(
+            f"{path} holds results of the model in {result['model']}, not of {model_dir}; pass only results of "
+            "this model (give each model its own `hf-clip eval --output_dir`)."
+        )
 
 
 def _metric_name(key: str) -> str:
@@ -401,7 +434,7 @@ def run_card(args: argparse.Namespace) -> Path:
         )
     config = HfClipConfig.from_pretrained(model_dir)
     name = (check_paper_model(config, args.preset) if args.preset else identify_paper_model(config)).name
-    results = [load_results(p) for p in args.results]
+    results = [load_results(p, model_dir) for p in args.results]
     path = atomic_write_text(
         Path(args.output) if args.output else model_dir / "README.md", render_card(name, results)
     )

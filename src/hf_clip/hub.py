@@ -199,7 +199,9 @@ def _ensure_card(model_dir: Path, results: Sequence[str | os.PathLike]) -> None:
             raise
         logger.warning("No model card written: %s", err)
         return
-    atomic_write_text(model_dir / "README.md", render_card(name, [load_results(p) for p in results]))
+    atomic_write_text(
+        model_dir / "README.md", render_card(name, [load_results(p, model_dir) for p in results])
+    )
 
 
 def push_folder(
