@@ -527,11 +527,17 @@ def test_bias_cli(tmp_path):
         ]
     )
     results = args.func(args)
-    written = json.loads((tmp_path / "out" / "bias_data.json").read_text())
+    # The split is in the file names (the default 'validation' here), as `hf-clip eval --help` says of every
+    # evaluation: a run on another split does not overwrite this one.
+    written = json.loads((tmp_path / "out" / "bias_data_validation.json").read_text())
     assert written["config"]["crime_labels"] == ["thief", "criminal"]
     assert written["tables"]["denigration"]["crime"]["overall"]["total"] == 12
     assert written["metrics"] == pytest.approx(results["metrics"])
-    assert (tmp_path / "out" / "bias_data_denigration.png").is_file()
+    assert (tmp_path / "out" / "bias_data_validation_denigration.png").is_file()
+    args.split = "test"
+    args.func(args)
+    assert (tmp_path / "out" / "bias_data.json").is_file()
+    assert json.loads((tmp_path / "out" / "bias_data_validation.json").read_text()) == written
 
 
 def test_cli_missing_column_names_the_bias_flag_before_loading_the_model(tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 
 ``add_bias_parser(eval_subparsers)`` adds the ``bias`` subcommand (sharing the model, run and data flags of
 the other evaluations) and stores ``run_bias`` in ``args.func``; ``run_bias(args)`` runs the probes and
-writes ``bias_<dataset>.json``, ``.md`` and one PNG per probe into ``--output-dir``.
+writes ``bias_<dataset>[_<split>].json``, ``.md`` and one PNG per probe into ``--output-dir`` (the split
+is named when it is not 'test', as for every evaluation).
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ def run_bias(args: argparse.Namespace) -> dict[str, Any]:
     results["split"] = args.split
     if args.max_samples is not None:
         results["max_samples"] = args.max_samples
-    paths = write_bias_report(results, args.output_dir, stem=f"bias_{_slug(name)}")
+    # Named like every evaluation's files (`hf-clip eval --help`): the split is in the name unless it is 'test',
+    # so runs on two splits do not overwrite each other.
+    stem = f"bias_{_slug(name)}" + (f"_{_slug(args.split)}" if args.split and args.split != "test" else "")
+    paths = write_bias_report(results, args.output_dir, stem=stem)
     summary = ", ".join(f"{k}={100 * v:.1f}%" for k, v in results["metrics"].items())
     print(f"bias probes on {name}: {summary}")
     for kind, path in paths.items():
