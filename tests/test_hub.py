@@ -455,3 +455,16 @@ def test_push_uploads_only_the_model_files_not_training_state(published, tmp_pat
     ((_, _, files, _),) = fake.commits
     assert [f for f in files if "/" in f] == []
     assert {"config.json", "model.safetensors", "tokenizer.json", *CODE_FILES} <= set(files)
+
+
+def test_push_refuses_results_without_a_card(published, tmp_path, monkeypatch, capsys):
+    # --results only feed the card: with --no-card they were dropped without a word and the upload went ahead.
+    from hf_clip.cli import main
+
+    fake = FakeHub(monkeypatch)
+    folder = shutil.copytree(published["prepared"], tmp_path / "model")
+    results = tmp_path / "zero-shot.json"
+    results.write_text(json.dumps({"task": "zero-shot", "model": "m", "dataset": "d", "metrics": {}}))
+    assert main(["push", str(folder), "someone/tiny-clip", "--no-card", "--results", str(results)]) == 2
+    assert "drop --no-card or --results" in capsys.readouterr().err
+    assert fake.commits == []

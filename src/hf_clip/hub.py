@@ -219,6 +219,10 @@ def push_folder(
     """Prepare `model_dir` (code, auto_map, card) and upload it to `repo_id`; returns the commit info."""
     from huggingface_hub import HfApi
 
+    if results and not write_card:
+        raise ValueError(
+            "results are rendered into the model card, so they need the card: drop --no-card or --results."
+        )
     model_dir = check_model_folder(model_dir)
     prepare_for_hub(model_dir)
     if write_card:
