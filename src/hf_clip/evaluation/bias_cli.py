@@ -20,7 +20,7 @@ from .bias import (
     write_bias_report,
 )
 from .cli import _common_parser, _data_parser, _dataset_name, _flag, _load, _load_model, _run_kwargs
-from .reporting import _slug
+from .reporting import result_stem
 
 
 def add_bias_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -84,9 +84,7 @@ def run_bias(args: argparse.Namespace) -> dict[str, Any]:
     results["split"] = args.split
     if args.max_samples is not None:
         results["max_samples"] = args.max_samples
-    # Named like every evaluation's files (`hf-clip eval --help`): the split is in the name unless it is 'test',
-    # so runs on two splits do not overwrite each other.
-    stem = f"bias_{_slug(name)}" + (f"_{_slug(args.split)}" if args.split and args.split != "test" else "")
+    stem = result_stem("bias", name, args.split)  # named like every evaluation's files
     paths = write_bias_report(results, args.output_dir, stem=stem)
     summary = ", ".join(f"{k}={100 * v:.1f}%" for k, v in results["metrics"].items())
     print(f"bias probes on {name}: {summary}")

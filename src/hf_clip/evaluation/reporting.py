@@ -154,20 +154,23 @@ def _plot_metrics(result: EvalResult):
     return fig
 
 
+def result_stem(task: str, dataset: str, split: str | None) -> str:
+    """``<task>_<dataset name>``, with ``_<split>`` for a split other than ``test``, so that runs on the
+    train and test splits do not overwrite each other."""
+    stem = f"{task}_{_slug(dataset)}"
+    return stem + (f"_{_slug(str(split))}" if split and split != "test" else "")
+
+
 def save_result(
     result: EvalResult, output_dir: str | os.PathLike, stem: str | None = None
 ) -> dict[str, Path]:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``output_dir`` (atomically); return paths.
 
-    ``stem`` defaults to ``<task>_<dataset name>``, with ``_<split>`` added for a split other than ``test``
-    so that runs on the train and test splits do not overwrite each other.
+    ``stem`` defaults to `result_stem`'s name.
     """
     output_dir = Path(output_dir)
     if stem is None:
-        split = result.config.get("split")
-        stem = f"{result.task}_{_slug(result.dataset)}"
-        if split and split != "test":
-            stem += f"_{_slug(str(split))}"
+        stem = result_stem(result.task, result.dataset, result.config.get("split"))
     paths = {
         "json": output_dir / f"{stem}.json",
         "markdown": output_dir / f"{stem}.md",
