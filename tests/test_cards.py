@@ -204,6 +204,8 @@ def test_card_with_measured_results(tmp_path):
     by_key = {(e.dataset_name, e.metric_type): e for e in entries}
     assert by_key[("ImageNet-1k", "accuracy")].metric_value == 63.2  # the paper's figure is kept
     assert by_key[("imagenet-1k", "top1_accuracy")].metric_value == 63.12  # measured, in percent
+    # Zero-shot and the robustness reference measured it alike; the Hub files both under one entry, once.
+    assert [(e.dataset_name, e.metric_type) for e in entries].count(("imagenet-1k", "top1_accuracy")) == 1
     assert by_key[("imagenet-1k", "top5_accuracy")].metric_name == "Top-5 accuracy (measured with hf_clip)"
     assert by_key[("/data/imagenet-r", "top1_accuracy")].dataset_type == "imagenet-r"
     assert by_key[("fairface", "gender_accuracy")].metric_value == 95.0

@@ -214,8 +214,13 @@ def _measured_by(result: dict[str, Any]) -> str:
 
 def measured_eval_results(results: Sequence[dict[str, Any]]) -> list[EvalResult]:
     """model-index entries for measured metrics (percentages, like the paper's figures), filed under the split
-    they were measured on; a ``--max_samples`` run says so in its metric names."""
+    they were measured on; a ``--max_samples`` run says so in its metric names.
+
+    The Hub files results by task type, dataset and split, so a zero-shot run and a robustness run that used
+    the same dataset as its reference share one entry: a metric both measured with the same value is listed
+    once."""
     entries = []
+    seen = set()
     for result in results:
         task_type, task_name = _TASKS[result["task"]]
         split, _ = _split_and_cut(result)
@@ -223,6 +228,11 @@ def measured_eval_results(results: Sequence[dict[str, Any]]) -> list[EvalResult]
             for key, value in metrics.items():
                 if not isinstance(value, (int, float)) or value != value:  # skip NaN and non-numbers
                     continue
+                name, percent = f"{_metric_name(key)} ({_measured_by(result)})", round(100 * float(value), 2)
+                identity = (task_type, _dataset_type(dataset), split, key, name, percent)
+                if identity in seen:
+                    continue
+                seen.add(identity)
                 entries.append(
                     EvalResult(
                         task_type=task_type,
@@ -231,8 +241,8 @@ def measured_eval_results(results: Sequence[dict[str, Any]]) -> list[EvalResult]
                         dataset_name=str(dataset),
                         dataset_split=split,
                         metric_type=key,
-                        metric_name=f"{_metric_name(key)} ({_measured_by(result)})",
-                        metric_value=round(100 * float(value), 2),
+                        metric_name=name,
+                        metric_value=percent,
                     )
                 )
     return entries
