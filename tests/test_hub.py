@@ -468,3 +468,45 @@ def test_push_refuses_results_without_a_card(published, tmp_path, monkeypatch, c
     assert main(["push", str(folder), "someone/tiny-clip", "--no-card", "--results", str(results)]) == 2
     assert "drop --no-card or --results" in capsys.readouterr().err
     assert fake.commits == []
+
+
+def test_push_of_a_model_trained_with_hf_clip_never_writes_the_paper_card(tmp_path, monkeypatch):
+    """A ViT-B/32 trained with examples/pretrain.py has a paper architecture; its pushed card must describe
+    its own run, not claim OpenAI's data and ImageNet figure."""
+    from hf_clip import HfClipConfig
+    from hf_clip.cards import TRAINING_RECORD
+
+    fake = FakeHub(monkeypatch)
+    config = HfClipConfig.from_preset("ViT-B/32")
+    setattr(config, TRAINING_RECORD, dict(_RECORD, dataset="my_org/captions"))
+    config.save_pretrained(tmp_path / "run")
+    (tmp_path / "run" / "model.safetensors").write_bytes(b"")  # the card step reads the config only
+    monkeypatch.setattr(hub, "check_model_folder", lambda folder: Path(folder))
+    monkeypatch.setattr(hub, "prepare_for_hub", lambda folder: None)
+    hub.push_folder(tmp_path / "run", "someone/my-clip")
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "# CLIP model trained with hf_clip" in card and "| Data | my_org/captions, split `train` |" in card
+    assert "- my_org/captions" in card  # the dataset in the card's metadata
+    assert "63.2" not in card and "OpenAI (Radford" not in card
+    assert "README.md" in fake.commits[0][2]
+
+
+_RECORD = {
+    "script": "examples/pretrain.py",
+    "init": "random",
+    "dataset": None,
+    "dataset_config": None,
+    "train_split": "train",
+    "steps": 100,
+    "global_batch_size": 256,
+    "per_device_batch_size": 128,
+    "gradient_accumulation_steps": 1,
+    "num_processes": 2,
+    "learning_rate": 5e-4,
+    "weight_decay": 0.2,
+    "warmup_steps": 10,
+    "loss": "clip",
+    "mixed_precision": "bf16",
+    "seed": 0,
+    "patch_dropout": 0.0,
+}

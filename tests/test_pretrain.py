@@ -77,6 +77,15 @@ def test_builtin_run_saves_a_loadable_model(tmp_path):
     out = classifier(Image.new("RGB", (40, 40), "red"), candidate_labels=["red circle", "blue square"])
     assert {o["label"] for o in out} == {"red circle", "blue square"}
     assert len(logged_losses(run)) == 4
+    # Its card is that of the run (recorded in config.json), not a paper card, and `hf-clip card` agrees.
+    from hf_clip.cards import render_model_card, training_record
+
+    record = training_record(model.config)
+    assert record["steps"] == 4 and record["global_batch_size"] == 8 and record["init"] == "random"
+    card = (run / "README.md").read_text()
+    assert card == render_model_card(run)[1] and "| zero_shot_top1/shape |" in card
+    with pytest.raises(ValueError, match="trained with hf_clip's pretraining"):
+        render_model_card(run, preset="ViT-B/32")
 
 
 def test_resume_continues_exactly(tmp_path):

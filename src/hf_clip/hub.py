@@ -189,19 +189,17 @@ def _add_auto_map(section: dict[str, Any], auto_classes: Sequence[str]) -> None:
 def _ensure_card(model_dir: Path, results: Sequence[str | os.PathLike]) -> None:
     if (model_dir / "README.md").is_file() and not results:
         return
-    from .cards import identify_paper_model, load_results, render_card
-    from .configuration_hf_clip import HfClipConfig
+    from .cards import load_results, render_model_card
 
+    loaded = [load_results(p, model_dir) for p in results]
     try:
-        name = identify_paper_model(HfClipConfig.from_pretrained(model_dir)).name
+        _, card = render_model_card(model_dir, loaded)
     except ValueError as err:
         if results:
             raise
         logger.warning("No model card written: %s", err)
         return
-    atomic_write_text(
-        model_dir / "README.md", render_card(name, [load_results(p, model_dir) for p in results])
-    )
+    atomic_write_text(model_dir / "README.md", card)
 
 
 def push_folder(

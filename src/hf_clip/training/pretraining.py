@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .._io import atomic_write_text, give_open_modes
+from ..cards import TRAINING_RECORD, render_training_card
 from ..configuration_hf_clip import HfClipConfig
 from ..modeling_hf_clip import HfClipModel
 from .accumulation import average_gradients, contrastive_accumulation_step
@@ -326,6 +327,33 @@ def _with_fp32_master_weights(
             key.removeprefix("_orig_mod."), value.float() if value.is_floating_point() else value
         )
         for key, value in state_dict.items()
+    }
+
+
+def _training_record(
+    args: PretrainArguments, steps: int, processes: int, precision: str, pretrained_dir: Path | None
+) -> dict[str, Any]:
+    """How this run trained the model, saved in its config.json (see hf_clip.cards.training_record). Local
+    paths are kept to their last component: a published config should not reveal the trainer's folders."""
+    return {
+        "script": "examples/pretrain.py",
+        "init": f"the weights of {pretrained_dir.name}" if pretrained_dir else "random",
+        "dataset": args.dataset
+        and (Path(args.dataset).name if Path(args.dataset).exists() else args.dataset),
+        "dataset_config": args.dataset_config,
+        "train_split": args.train_split,
+        "steps": steps,
+        "global_batch_size": args.per_device_train_batch_size * processes * args.gradient_accumulation_steps,
+        "per_device_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": processes,
+        "learning_rate": args.learning_rate,
+        "weight_decay": args.weight_decay,
+        "warmup_steps": min(args.warmup_steps, steps),
+        "loss": args.loss,
+        "mixed_precision": precision,
+        "seed": args.seed,
+        "patch_dropout": args.patch_dropout,
     }
 
 
@@ -805,6 +833,13 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         }  # torch.compile's wrapper
         state_dict = {k: v.reshape(()) if k in scalars_names else v for k, v in state_dict.items()}
     if accelerator.is_main_process:
+        # What the model is: `hf-clip card` and `hf-clip push` write the card of this run from it, never the
+        # paper's card of a model that happens to have a paper architecture.
+        setattr(
+            raw_model.config,
+            TRAINING_RECORD,
+            _training_record(args, step, world, accelerator.mixed_precision, pretrained_dir),
+        )
         # Written beside the run's other files, then moved in file by file: a crash never leaves a
         # half-written model.safetensors (a previous model's files stay whole until replaced).
         staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".model.tmp."))
@@ -813,8 +848,8 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
             if is_deepspeed:  # config.json names the model's (16-bit) dtype; the weights saved are fp32
                 raw_model.config.dtype = "float32"
                 raw_model.config.save_pretrained(staging)
-            give_open_modes(staging)
             processor.save_pretrained(staging)
+            give_open_modes(staging)
             for entry in sorted(staging.iterdir()):
                 os.replace(entry, output_dir / entry.name)
         finally:
@@ -824,7 +859,8 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     )
     if accelerator.is_main_process:
         results = {"steps": step, "num_processes": world, "metrics": metrics}
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2))
+        atomic_write_text(output_dir / "README.md", render_training_card(raw_model.config, metrics))
     # Every rank tears the process group down together: a rank that destroys it (and exits) while another is
     # still saving can leave gloo worker threads holding tensors at interpreter exit, which aborts the process.
     accelerator.wait_for_everyone()
