@@ -126,6 +126,31 @@ class _TextTowerCalls:
         self._handle.remove()
 
 
+def test_sigmoid_loss_models_score_each_label_with_its_sigmoid(parts, images, tmp_path):
+    """A model trained with --loss siglip has a logit bias; its scores are per-label sigmoids of the model's own
+    logits (bias included), as transformers' pipeline scores SigLIP models, and the classifier keeps the bias
+    through save and load."""
+    model, processor = parts
+    siglip = HfClipModel(HfClipConfig(**{**model.config.to_dict(), "logit_bias_init_value": -4.0})).eval()
+    siglip.load_state_dict(model.state_dict(), strict=False)
+    classify = pipeline(
+        ZERO_SHOT_TASK, model=siglip, tokenizer=processor.tokenizer, image_processor=processor.image_processor
+    )
+    got = _as_dict(classify(images[0], candidate_labels=LABELS))
+    text = processor.tokenizer(
+        [f"a photo of a {label}." for label in LABELS], return_tensors="pt", padding=True
+    )
+    pixels = processor.image_processor(images=[images[0]], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = siglip(**text, pixel_values=pixels).logits_per_image.sigmoid()[0]
+    for label, score in zip(LABELS, expected.tolist()):
+        assert got[label] == pytest.approx(score, abs=1e-6)
+    assert sum(got.values()) != pytest.approx(1.0, abs=1e-3)  # not a softmax
+    classifier = ZeroShotClassifier.from_model(siglip, processor, LABELS, progress=False)
+    classifier.save(tmp_path / "head")
+    assert ZeroShotClassifier.load(tmp_path / "head").logit_bias == pytest.approx(-4.0)
+
+
 def test_registered_task_builds_the_pipeline(hf_pipe):
     assert isinstance(hf_pipe, HfClipZeroShotImageClassificationPipeline)
     assert isinstance(hf_pipe.model, HfClipModel)

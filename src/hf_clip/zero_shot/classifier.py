@@ -103,7 +103,8 @@ class ZeroShotClassifier:
     """Class weights [C, D] (unit rows) and the model's temperature; optionally the model for raw pixels.
 
     Build with `from_model`; call with pixel values [B, 3, H, W] or image embeddings [B, D] to get logits
-    [B, C] = exp(logit_scale) * cos(image, class).
+    [B, C] = exp(logit_scale) * cos(image, class) (+ logit_bias for a model trained with the sigmoid loss,
+    whose scores are then per-class sigmoids, as transformers' pipeline gives SigLIP models).
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class ZeroShotClassifier:
         classnames: Sequence[ClassName],
         templates: Sequence[str],
         model: torch.nn.Module | None = None,
+        logit_bias: float | None = None,
     ) -> None:
         if weights.ndim != 2:
             raise ValueError(f"weights must be [num_classes, embed_dim], got shape {tuple(weights.shape)}.")
@@ -122,6 +124,7 @@ class ZeroShotClassifier:
         self.templates = list(templates)
         self.weights = weights
         self.logit_scale = float(logit_scale)
+        self.logit_bias = None if logit_bias is None else float(logit_bias)
         self.model = model
 
     @property
@@ -184,7 +187,9 @@ class ZeroShotClassifier:
         if device is not None:
             weights = weights.to(device)
         logit_scale = float(model.logit_scale.detach().float().cpu())
-        return cls(weights, logit_scale, [list(s) for s in classes], templates, model=model)
+        bias = getattr(model, "logit_bias", None)
+        bias = None if bias is None else float(bias.detach().float().cpu())
+        return cls(weights, logit_scale, [list(s) for s in classes], templates, model=model, logit_bias=bias)
 
     def to(self, device: torch.device | str) -> "ZeroShotClassifier":
         """Move the class weights (not the attached model) to `device`."""
@@ -218,11 +223,17 @@ class ZeroShotClassifier:
                 f"image_embeds must be [batch, {self.weights.shape[1]}], got shape {tuple(image_embeds.shape)}."
             )
         weights = self.weights.to(device=image_embeds.device)
-        return self.scale * l2_normalize(image_embeds.float()) @ weights.t()
+        logits = self.scale * l2_normalize(image_embeds.float()) @ weights.t()
+        return logits if self.logit_bias is None else logits + self.logit_bias
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scores from logits: a softmax over the classes, as the contrastive loss trained them; for a
+        sigmoid-loss model (with a logit bias) each class's own sigmoid, as that loss trained them."""
+        return logits.float().softmax(dim=-1) if self.logit_bias is None else logits.float().sigmoid()
 
     def classify(self, images: Any, processor: Any, top_k: int | None = None) -> list[list[dict[str, Any]]]:
-        """Softmax scores for raw images (PIL images, paths, arrays or tensors, one or a batch), best first: one
-        list of {label, score} per image."""
+        """Scores (`scores`) for raw images (PIL images, paths, arrays or tensors, one or a batch), best first:
+        one list of {label, score} per image."""
         image_processor = getattr(processor, "image_processor", processor)
         check_top_k(top_k)
         if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
@@ -230,7 +241,7 @@ class ZeroShotClassifier:
         elif not isinstance(images, list | tuple):
             images = [images]
         pixel_values = image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-        probs = self(pixel_values).softmax(dim=-1).cpu()
+        probs = self.scores(self(pixel_values)).cpu()
         top_k = probs.shape[1] if top_k is None else min(top_k, probs.shape[1])
         scores, indices = probs.topk(top_k, dim=-1)
         labels = self.labels
@@ -245,7 +256,12 @@ class ZeroShotClassifier:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"weights": self.weights.detach().float().cpu().contiguous()}
         atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        meta = {"classnames": self.classes, "templates": self.templates, "logit_scale": self.logit_scale}
+        meta = {
+            "classnames": self.classes,
+            "templates": self.templates,
+            "logit_scale": self.logit_scale,
+            "logit_bias": self.logit_bias,
+        }
         atomic_write_text(folder / CONFIG_NAME, json.dumps(meta, indent=1, ensure_ascii=False))
 
     @classmethod
@@ -267,7 +283,14 @@ class ZeroShotClassifier:
         if device is None:
             device = model_device(model) if model is not None else "cpu"
         weights = load_file(str(folder / WEIGHTS_NAME), device=str(device))["weights"]
-        return cls(weights, meta["logit_scale"], meta["classnames"], meta["templates"], model=model)
+        return cls(
+            weights,
+            meta["logit_scale"],
+            meta["classnames"],
+            meta["templates"],
+            model=model,
+            logit_bias=meta.get("logit_bias"),
+        )
 
     def __repr__(self) -> str:
         return (

@@ -53,7 +53,9 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
     `hypothesis_template` (default "a photo of a {}."), `tokenizer_kwargs` (passed to the tokenizer over
     the defaults padding=True, truncation=True, max_length=<the text tower's context>), `top_k`, `timeout`;
     `batch_size` batches images.
-    Scores are the softmax of exp(logit_scale) * cosine similarity, as in transformers' pipeline.
+    Scores are the softmax of exp(logit_scale) * cosine similarity, as in transformers' pipeline; for a model
+    trained with the sigmoid loss (it has a logit bias), each label's sigmoid of that plus the bias, as
+    transformers' pipeline scores SigLIP models.
     """
 
     def __init__(self, *args: Any, cache_size: int = 8, prompt_batch_size: int = 256, **kwargs: Any) -> None:
@@ -196,16 +198,17 @@ class HfClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
         key = model_inputs["classifier_key"]
         if isinstance(key, list):  # batched by the pipeline's collate: one key per image, all equal
             key = key[0]
-        logits = self._classifier_for(key)(model_inputs["pixel_values"])
+        classifier = self._classifier_for(key)
+        scores = classifier.scores(classifier(model_inputs["pixel_values"]))
         # One key per row so the pipeline's un-batching hands each image its own.
-        return {"logits": logits, "classifier_key": [key] * logits.shape[0]}
+        return {"scores": scores, "classifier_key": [key] * scores.shape[0]}
 
     def postprocess(self, model_outputs: dict[str, Any], top_k: int | None = None) -> list[dict[str, Any]]:
         key = model_outputs["classifier_key"]
         if isinstance(key, list):
             key = key[0]
         labels = [synonyms[0] for synonyms in key[0]]
-        probs = model_outputs["logits"][0].float().softmax(dim=-1)
+        probs = model_outputs["scores"][0]
         k = len(labels) if top_k is None else min(top_k, len(labels))
         scores, indices = probs.topk(k)
         return [{"score": s, "label": labels[i]} for s, i in zip(scores.tolist(), indices.tolist())]
