@@ -407,3 +407,22 @@ def test_bad_shifted_labels_are_named_before_any_image_is_encoded(loaded, monkey
         ValueError, match=r"Shifted dataset 'v2': 1 labels in column 'label' fall outside 0\.\.2"
     ):
         evaluate_robustness(model, processor, {"in": reference, "v2": shifted})
+
+
+@pytest.mark.parametrize("device", ["cdua", "cuda:0"])
+def test_unusable_device_is_a_one_line_error(model_dir, data, tmp_path, capsys, device, monkeypatch):
+    # A misspelt device, or a GPU this machine lacks, crashed with torch's traceback once the weights moved.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [
+        "eval",
+        "zero-shot",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(data / "colours"),
+        "--device",
+        device,
+    ]
+    assert hf_clip_main([*argv, "--output_dir", str(tmp_path / "o")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"hf-clip eval: error: --device {device}")

@@ -26,7 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Bad input (a missing column, an unknown split, a wrong path, a checkpoint that does not convert): the
 # messages name the problem and the fix, so a command-line user gets them in one line.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, HubUploadError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    HubUploadError,
+)
 
 
 def report_error(command: str, error: Exception) -> int:

@@ -196,8 +196,6 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse._SubPars
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    import torch
-
     from ..image_processing_hf_clip import HfClipImageProcessor
     from ..modeling_hf_clip import HfClipModel
     from ..processing_hf_clip import HfClipProcessor
@@ -213,7 +211,7 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
             f"--model {args.model} has no config.json, so it is not a save_pretrained hf_clip folder; convert "
             "a checkpoint into one with `hf-clip convert SRC OUT_DIR` and pass OUT_DIR."
         )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     try:
         model = HfClipModel.from_pretrained(str(model_dir)).to(device).eval()
         # Built from its parts so loading needs no Auto-class registration of the image processor.
@@ -229,6 +227,29 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         ) from err
     args.device = device
     return model, processor
+
+
+def _device(name: str | None) -> str:
+    """--device checked before the model loads: torch's own errors for a bad name or a missing GPU come only
+    when the weights move, as a traceback."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(
+            f"--device {name} is not a device name torch knows; use cpu, cuda or cuda:N."
+        ) from err
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+    if available is not None and not available():
+        raise ValueError(
+            f"--device {name}: no {device.type} device is available here; leave --device out to use the CPU."
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    return name
 
 
 def _load(args: argparse.Namespace, name: str, split: str | None) -> Dataset:
