@@ -847,3 +847,21 @@ def test_config_option_takes_a_transformers_config(tmp_path):
         _assert_transformers_parity(reference, model)
     with pytest.raises(FileNotFoundError, match=r"--config \(config=\): no config file at .*missing\.json"):
         convert_checkpoint(weights, tmp_path / "out2", processor=False, config=str(tmp_path / "missing.json"))
+
+
+def test_config_preset_name_is_not_shadowed_by_a_folder_of_that_name(tmp_path, monkeypatch):
+    """`hf-clip convert ViT-B-32/open_clip_model.safetensors out --config ViT-B-32` from a downloads folder: the
+    folder named like the preset (without a config.json) was read as a config folder and refused."""
+    from hf_clip import HfClipConfig
+    from hf_clip.convert.api import _given_config
+
+    (tmp_path / "ViT-B-32").mkdir()
+    monkeypatch.chdir(tmp_path)
+    expected = HfClipConfig.from_preset("ViT-B-32").to_dict()
+    assert _given_config("ViT-B-32", activation="quick_gelu").to_dict() == expected
+    # A folder with a config.json still stands for it; one without, under no preset's name, is refused.
+    HfClipConfig.from_preset("RN50").save_pretrained(tmp_path / "ViT-B-32")
+    assert _given_config("ViT-B-32").vision_config.vision_type == "resnet"
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config file at mine/config.json"):
+        _given_config("mine")

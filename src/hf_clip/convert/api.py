@@ -118,9 +118,15 @@ def _config_file(path: Path) -> HfClipConfig:
 def _given_config(config: HfClipConfig | str, activation: str | None = None) -> HfClipConfig:
     if isinstance(config, HfClipConfig):
         return config
-    if str(config).endswith(".json") or Path(config).expanduser().is_dir():
-        return _config_file(Path(config).expanduser())
-    preset = HfClipConfig.from_preset(config)
+    path = Path(config).expanduser()
+    if str(config).endswith(".json") or (path / "config.json").is_file():
+        return _config_file(path)
+    try:
+        preset = HfClipConfig.from_preset(config)
+    except ValueError:
+        if path.is_dir():  # a folder without config.json: say so rather than "unknown preset"
+            return _config_file(path)
+        raise
     if activation is None and "/" not in str(config) and not str(config).endswith("-quickgelu"):
         if preset.vision_config.hidden_act == "quick_gelu":
             logger.warning(
