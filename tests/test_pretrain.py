@@ -645,3 +645,20 @@ def test_final_save_never_leaves_a_half_written_model(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     assert not (run_dir / "model.safetensors").exists() and not (run_dir / "config.json").exists()
     assert not list(run_dir.glob(".model.tmp.*"))
+
+
+def test_training_record_names_the_data_files(tmp_path):
+    """`--dataset webdataset --data_files .../shards/{00000..00009}.tar` (or csv, json, parquet) names only the
+    loader: the card's Data row said "webdataset" of a model whose abilities and biases are its data's."""
+    from hf_clip import HfClipConfig
+    from hf_clip.cards import TRAINING_RECORD, render_training_card
+    from hf_clip.training.pretraining import _training_record
+
+    args = tiny_args(tmp_path, dataset="webdataset", data_files="/home/alice/laion/shards/{00000..00009}.tar")
+    record = _training_record(args, steps=4, processes=1, precision="no", pretrained_dir=None)
+    assert record["data_files"] == "{00000..00009}.tar"  # the trainer's folders stay private
+    config = HfClipConfig()
+    setattr(config, TRAINING_RECORD, record)
+    card = render_training_card(config)
+    assert "| Data | webdataset, files `{00000..00009}.tar`, split `train` |" in card
+    assert "/home/alice" not in card

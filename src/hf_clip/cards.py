@@ -362,6 +362,8 @@ def _training_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
     data = record.get("dataset") or "hf_clip's built-in synthetic shapes (hf_clip.data)"
     if record.get("dataset_config"):
         data += f" ({record['dataset_config']})"
+    if record.get("data_files"):
+        data += f", files `{record['data_files']}`"
     batch = (
         f"{record['global_batch_size']:,} ({record['num_processes']} process(es) x "
         f"{record['per_device_batch_size']} x {record['gradient_accumulation_steps']} accumulated)"

@@ -341,6 +341,8 @@ def _training_record(
         "dataset": args.dataset
         and (Path(args.dataset).name if Path(args.dataset).exists() else args.dataset),
         "dataset_config": args.dataset_config,
+        # `--dataset webdataset|csv|json|parquet` names only the loader: the data are these files.
+        "data_files": args.data_files and (Path(args.data_files).name or args.data_files),
         "train_split": args.train_split,
         "steps": steps,
         "global_batch_size": args.per_device_train_batch_size * processes * args.gradient_accumulation_steps,
