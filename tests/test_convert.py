@@ -865,3 +865,13 @@ def test_config_preset_name_is_not_shadowed_by_a_folder_of_that_name(tmp_path, m
     (tmp_path / "mine").mkdir()
     with pytest.raises(FileNotFoundError, match="no config file at mine/config.json"):
         _given_config("mine")
+
+
+def test_legacy_preprocessor_config_with_an_integer_size(tmp_path):
+    # Old transformers configs store `size` as an int; with do_center_crop false this raised a TypeError.
+    from hf_clip.convert.processor import model_folder_image_settings
+
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"size": 224, "do_center_crop": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    )
+    assert model_folder_image_settings(tmp_path) == {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}

@@ -443,7 +443,10 @@ def render_training_card(
                     "Vocabulary / context",
                     f"{arch['vocab_size']} BPE tokens / {arch['context_length']} tokens",
                 ),
-                ("Activation", config.vision_config.hidden_act),
+                (
+                    "Activation (image / text)",
+                    f"{config.vision_config.hidden_act} / {config.text_config.hidden_act}",
+                ),
             ]
         ),
     ]

@@ -93,7 +93,11 @@ def model_folder_image_settings(folder: Path) -> dict[str, Any]:
         if saved.get("resample") is not None:
             settings["resample"] = PILImageResampling(int(saved["resample"]))
         size = saved.get("size") or {}
-        if saved.get("do_center_crop") is False and {"height", "width"} <= set(size):
+        if (
+            saved.get("do_center_crop") is False
+            and isinstance(size, dict)
+            and {"height", "width"} <= set(size)
+        ):
             settings["squash"] = True
         return settings
     return {}
