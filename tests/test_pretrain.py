@@ -662,3 +662,21 @@ def test_training_record_names_the_data_files(tmp_path):
     card = render_training_card(config)
     assert "| Data | webdataset, files `{00000..00009}.tar`, split `train` |" in card
     assert "/home/alice" not in card
+
+
+def test_extended_run_takes_its_first_new_step_at_the_new_schedules_rate(tmp_path):
+    # A finished 2-step run extended to 4 steps: the optimizer state it loads holds the rate the 2-step
+    # schedule set for step 3 (0, the end of its cosine). Step 3 trained at that rate instead of the 4-step
+    # schedule's, so the extended run diverged from an uninterrupted 4-step run.
+    run_pretraining(tiny_args(tmp_path / "a", max_steps=2, checkpointing_steps=2))
+    run_pretraining(tiny_args(tmp_path / "a", max_steps=4, resume_from_checkpoint="latest"))
+    run_pretraining(tiny_args(tmp_path / "b", max_steps=4))
+    extended, uninterrupted = (
+        [json.loads(line) for line in (tmp_path / name / "run" / "train_log.jsonl").read_text().splitlines()]
+        for name in ("a", "b")
+    )
+    assert [r["step"] for r in extended] == [1, 2, 3, 4]
+    # Warm-up 1, then a cosine over 3 steps: step 3 (index 2) trains at 0.5 * (1 + cos(pi / 3)) of the peak.
+    assert extended[2]["lr"] == pytest.approx(0.75e-3)
+    assert [r["lr"] for r in extended] == pytest.approx([r["lr"] for r in uninterrupted], rel=1e-6)
+    assert [r["loss"] for r in extended] == pytest.approx([r["loss"] for r in uninterrupted], abs=1e-6)

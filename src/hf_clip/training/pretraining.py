@@ -416,6 +416,17 @@ def _check_resume_settings(
         )
 
 
+def _rate_of_this_schedule(scheduler: Any) -> None:
+    """After `load_state` the optimizer holds the rate the checkpointed run's schedule set for the next step.
+    A run resumed with another length trains that step at its own schedule's rate instead (extending a
+    finished run otherwise took its first new step at the old schedule's final rate, 0)."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps the LambdaLR
+    rates = [base * factor(inner.last_epoch) for base, factor in zip(inner.base_lrs, inner.lr_lambdas)]
+    for group, rate in zip(inner.optimizer.param_groups, rates):
+        group["lr"] = rate
+    inner._last_lr = rates
+
+
 def _save_checkpoint(
     accelerator: Any,
     output_dir: Path,
@@ -629,6 +640,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         progress = json.loads((path / "progress.json").read_text())
         _check_resume_settings(path, progress.get("settings"), _resume_settings(args, world), accelerator)
         accelerator.load_state(str(path))
+        _rate_of_this_schedule(scheduler)
         step, epoch, start_batch = progress["step"], progress["epoch"], progress["batch"]
         log_file = output_dir / "train_log.jsonl"
         if accelerator.is_main_process and log_file.exists():  # drop the lines of steps about to be rerun
