@@ -512,6 +512,10 @@ def test_options_on_a_loaded_model_apply_or_say_why_not():
         _pretrained_overrides(PretrainArguments(image_size=48), model)
     with pytest.raises(ValueError, match="needs a model with a logit bias"):
         _pretrained_overrides(PretrainArguments(loss="siglip"), model)
+    sigmoid_model = HfClipModel(HfClipConfig(**TINY_MODEL, logit_bias_init_value=-10.0))
+    with pytest.raises(ValueError, match="pass --loss siglip"):
+        _pretrained_overrides(PretrainArguments(loss="clip"), sigmoid_model)
+    _pretrained_overrides(PretrainArguments(loss="siglip"), sigmoid_model)
 
 
 def _no_transform(image, generator):

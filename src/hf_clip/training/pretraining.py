@@ -232,6 +232,13 @@ def _pretrained_overrides(args: PretrainArguments, model: HfClipModel) -> None:
             "--loss siglip needs a model with a logit bias; this checkpoint was trained with the softmax "
             "loss. Use --loss clip, or start a new model (--model tiny, a preset or a config.json)."
         )
+    if args.loss == "clip" and model.logit_bias is not None:
+        # The softmax loss cannot train the bias (it cancels out), and with several processes DDP then fails
+        # on a parameter that received no gradient.
+        raise ValueError(
+            "This checkpoint was trained with the sigmoid loss (it has a logit bias), which --loss clip cannot "
+            "train; pass --loss siglip."
+        )
 
 
 def _build_config(
