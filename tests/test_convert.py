@@ -875,3 +875,90 @@ def test_legacy_preprocessor_config_with_an_integer_size(tmp_path):
         json.dumps({"size": 224, "do_center_crop": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
     )
     assert model_folder_image_settings(tmp_path) == {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+
+
+def _fake_hub(monkeypatch, repos: dict, calls: list) -> None:
+    """huggingface_hub's listing and snapshot download served from local folders, recording each call."""
+    import fnmatch as fn
+
+    import huggingface_hub
+
+    def list_repo_files(api, repo_id, revision=None, **kwargs):
+        calls.append(("list", repo_id, revision))
+        return sorted(
+            p.relative_to(repos[repo_id]).as_posix() for p in repos[repo_id].rglob("*") if p.is_file()
+        )
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
+        calls.append(("download", repo_id, revision, allow_patterns, local_files_only))
+        out = repos[repo_id].parent / f"snapshot-{len(calls)}"
+        for path in repos[repo_id].rglob("*"):
+            name = path.relative_to(repos[repo_id]).as_posix()
+            if path.is_file() and (
+                allow_patterns is None or any(fn.fnmatch(name, p) for p in allow_patterns)
+            ):
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, out / name)
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+def test_hub_repository_id_downloads_one_copy_and_converts(tmp_path, monkeypatch):
+    """`hf-clip convert org/name OUT`: a LAION-style repository holding transformers and open_clip copies of the
+    weights gets only the transformers safetensors copy downloaded (the open_clip file here is junk that would
+    fail to load), and the result equals transformers' model."""
+    reference = _transformers_reference(_tiny_clip_config())
+    repo = tmp_path / "hub" / "laion-clip"
+    reference.save_pretrained(repo)
+    (repo / "open_clip_config.json").write_text("{}")
+    (repo / "open_clip_pytorch_model.bin").write_bytes(b"not a checkpoint")
+    calls: list = []
+    _fake_hub(monkeypatch, {"laion/tiny-clip": repo}, calls)
+    from hf_clip.cli import main
+
+    assert (
+        main(["convert", "laion/tiny-clip", str(tmp_path / "out"), "--no-processor", "--revision", "v1"]) == 0
+    )
+    assert calls[0] == ("list", "laion/tiny-clip", "v1")
+    assert calls[1][3] == [
+        "config.json",
+        "model*.safetensors*",
+        "preprocessor_config.json",
+        "processor_config.json",
+    ]
+    _assert_transformers_parity(reference, HfClipModel.from_pretrained(tmp_path / "out").eval())
+
+
+def test_hub_files_to_fetch_prefer_safetensors_and_name_what_is_missing(tmp_path, monkeypatch):
+    from hf_clip.convert.download import files_to_fetch, resolve_source
+
+    both = [
+        "open_clip_config.json",
+        "open_clip_pytorch_model.bin",
+        "open_clip_model.safetensors",
+        "README.md",
+    ]
+    assert files_to_fetch(both) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    pickled = ["config.json", "pytorch_model.bin", "open_clip_config.json", "open_clip_model.safetensors"]
+    assert files_to_fetch(pickled) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    assert files_to_fetch(["config.json", "pytorch_model.bin"])[:2] == ["config.json", "pytorch_model*.bin*"]
+    with pytest.raises(ConversionError, match="no checkpoint hf_clip converts.*README.md"):
+        files_to_fetch(["README.md", "tf_model.h5"])
+    # A missing local file is named as such, never looked up on the Hub.
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        resolve_source(tmp_path.name + "/missing.pt")
+    # Offline (or the Hub unreachable): a snapshot already in the cache is used.
+    import huggingface_hub
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    calls: list = []
+    _fake_hub(monkeypatch, {"org/cached": tmp_path}, calls)
+
+    def offline(*args, **kwargs):
+        raise OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
+    resolve_source("hf-hub:org/cached")
+    assert calls == [("download", "org/cached", None, None, True)]

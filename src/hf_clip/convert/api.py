@@ -24,6 +24,7 @@ from .._io import give_open_modes, umask
 from ..configuration_hf_clip import ACTIVATIONS, HfClipConfig
 from ..modeling_hf_clip import HfClipModel
 from ..tokenization_hf_clip import _find_openai_bpe
+from .download import resolve_source
 from .infer import detect_layout, infer_openai_config, infer_transformers_config
 from .loading import load_state_dict_file
 from .open_clip_config import (
@@ -148,7 +149,10 @@ def _refuse_second_config(config: object, src: Path) -> None:
 
 
 def load_hf_clip_state_dict(
-    src: str | PathLike, activation: str | None = None, config: HfClipConfig | str | None = None
+    src: str | PathLike,
+    activation: str | None = None,
+    config: HfClipConfig | str | None = None,
+    revision: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], HfClipConfig]:
     """Read any supported checkpoint and return its weights under hf_clip names, with the matching config.
 
@@ -157,11 +161,12 @@ def load_hf_clip_state_dict(
     compute). Without any config file (OpenAI / open_clip checkpoints) sizes that are a preset's take its
     head counts and activation (LAION's ViT-H/g/bigG: 16 heads, GELU); other sizes get heads of
     width // 64 and "quick_gelu", the activation of OpenAI's released weights. Where that is wrong, name the architecture with `config`: an `HfClipConfig`, a preset name
-    ("ViT-H-14") or a config.json path; the weights are then checked against it.
+    ("ViT-H-14") or a config.json path; the weights are then checked against it. `src` may be a Hub repository
+    id (`revision`: its branch, tag or commit): see `download.resolve_source`.
     """
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r}; use one of {ACTIVATIONS}.")
-    src = Path(src)
+    src = resolve_source(src, revision)
     state_dict, source_config = _load_source(src)
     layout = detect_layout(state_dict)
     what = f"{layout} checkpoint {src.name}"
@@ -217,7 +222,7 @@ def _prepare_output(out_dir: Path, overwrite: bool, src: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory.")
     source = src.expanduser().resolve()
-    if source == out_dir or out_dir in source.parents:
+    if src.expanduser().exists() and (source == out_dir or out_dir in source.parents):
         # Replacing OUT_DIR's contents would delete the checkpoint being converted (and its open_clip config).
         raise FileExistsError(
             f"{src} is inside the output directory {out_dir}, whose contents the conversion replaces: "
@@ -269,6 +274,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     processor: bool = True,
     config: HfClipConfig | str | None = None,
+    revision: str | None = None,
 ) -> Path:
     """Convert `src` and write a complete model directory (config, safetensors weights, processor) to `out_dir`.
 
@@ -277,13 +283,16 @@ def convert_checkpoint(
     shipped with open_clip) and the model's input size; `processor=False` skips them (needed when the
     vocabulary is not OpenAI's). `activation` overrides the activation ("quick_gelu" is assumed for
     OpenAI / open_clip checkpoints, whose files do not record it). An existing non-empty `out_dir` is only
-    replaced with `overwrite=True`. `config` (an `HfClipConfig`, preset name or config.json) names the architecture where shapes cannot tell
-    it (head counts).
+    replaced with `overwrite=True`. `config` (an `HfClipConfig`, preset name or config.json) names the
+    architecture where shapes cannot tell it (head counts). `src` may also be a Hub repository id
+    ("openai/clip-vit-base-patch32", "hf-hub:laion/..."; `revision` picks its branch, tag or commit): only
+    the files of one convertible copy are downloaded.
     """
     if to not in _TARGETS:
         raise ValueError(f"to={to!r}; use one of {_TARGETS}.")
     out_dir = Path(out_dir).expanduser().resolve()  # "." has no name to publish under, nor a real parent
-    _prepare_output(out_dir, overwrite, Path(src))
+    _prepare_output(out_dir, overwrite, Path(src))  # before any download
+    src = resolve_source(src, revision)
     state_dict, config = load_hf_clip_state_dict(src, activation, config)
     if to == "transformers" and "logit_bias" in state_dict:
         raise ConversionError(
@@ -292,7 +301,7 @@ def convert_checkpoint(
         )
     if processor:
         check_processor_vocabulary(config)
-        image = _source_image_settings(Path(src))
+        image = _source_image_settings(src)
         # A missing vocabulary file is reported before any weights are written.
         if bpe_vocab is None:
             _find_openai_bpe()

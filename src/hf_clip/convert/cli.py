@@ -10,7 +10,9 @@ _DESCRIPTION = """\
 Convert a CLIP checkpoint into a complete hf_clip model directory (config.json, model.safetensors,
 tokenizer and image processor). SRC is an OpenAI TorchScript archive (RN50.pt, ViT-B-32.pt, ... read
 without executing it), an OpenAI / open_clip state dict (.pt, .bin, .safetensors), a transformers
-CLIPModel directory or an hf_clip directory. With --to transformers, an hf_clip (or any ViT) source is
+CLIPModel directory or an hf_clip directory, local or a Hub repository id (openai/clip-vit-base-patch32,
+laion/CLIP-ViT-H-14-laion2B-s32B-b79K; only the files of one copy of the weights are downloaded, safetensors
+first). With --to transformers, an hf_clip (or any ViT) source is
 written as a transformers CLIPModel directory instead.
 
 An open_clip Hub folder (open_clip_config.json + open_clip_model.safetensors), or a weights file with
@@ -32,7 +34,10 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("src", help="checkpoint file or model directory to convert")
+    parser.add_argument(
+        "src",
+        help="checkpoint file or model directory to convert, or a Hub repository id (openai/clip-vit-base-patch32)",
+    )
     parser.add_argument("out_dir", help="directory to write (must be new or empty unless --overwrite)")
     parser.add_argument("--to", choices=("hf_clip", "transformers"), default="hf_clip", help="output format")
     parser.add_argument(
@@ -50,6 +55,7 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         help="the model uses QuickGELU (default for OpenAI / open_clip files)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repository SRC")
     parser.add_argument(
         "--config",
         default=None,
@@ -81,6 +87,7 @@ def run_convert(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             processor=args.processor,
             config=args.config,
+            revision=args.revision,
         )
     except USER_ERRORS as error:  # ConversionError is a ValueError
         return report_error("convert", error)
