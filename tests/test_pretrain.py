@@ -544,6 +544,31 @@ def test_streaming_rows_reach_the_loader_once_with_workers():
     assert [r["caption"] for batch in loader for r in batch] == captions[8:]
 
 
+def test_several_captions_per_image_each_serve_in_turn():
+    """COCO-style rows (a list of captions per image) trained on their first caption only; each epoch now
+    draws one of them, seeded by (seed, epoch, row), so a rerun or a resume draws the same ones."""
+    from datasets import Dataset
+
+    from hf_clip.training.data import CaptionDataset
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(png, format="PNG")
+    captions = [["a red square", "", "red block", "crimson tile"]]
+    rows = CaptionDataset(
+        Dataset.from_dict({"image": [png.getvalue()], "caption": captions}), "image", "caption", _no_transform
+    )
+    drawn = []
+    for epoch in range(30):
+        rows.epoch = epoch
+        drawn.append(rows[0]["caption"])
+    assert set(drawn) == {"a red square", "red block", "crimson tile"}  # never the empty one
+    again = []
+    for epoch in range(30):
+        rows.epoch = epoch
+        again.append(rows[0]["caption"])
+    assert again == drawn
+
+
 def test_patch_dropout_on_a_resnet_is_refused():
     from hf_clip.training.pretraining import _build_config
 

@@ -50,12 +50,22 @@ def prepare_example(
     image_column: str,
     caption_column: str,
     transform: Callable[[Image.Image, torch.Generator], torch.Tensor],
-    generator: torch.Generator,
+    generator: torch.Generator | None,
 ) -> dict[str, Any] | None:
-    """(pixel_values, caption) for one row, or None when the image is unreadable or the caption empty."""
+    """(pixel_values, caption) for one row, or None when the image is unreadable or the caption empty.
+
+    Several captions per image (COCO's five): one of the non-empty ones drawn with `generator`, which is
+    seeded by (seed, epoch, row), so every caption serves in turn over the epochs and a resumed run draws the
+    same ones; without a generator (evaluation), the first."""
     caption = row.get(caption_column)
-    if isinstance(caption, (list, tuple)):  # several captions per image: take the first non-empty one
-        caption = next((c for c in caption if isinstance(c, str) and c.strip()), None)
+    if isinstance(caption, (list, tuple)):
+        captions = [c for c in caption if isinstance(c, str) and c.strip()]
+        pick = (
+            0
+            if generator is None or len(captions) < 2
+            else int(torch.randint(len(captions), (), generator=generator))
+        )
+        caption = captions[pick] if captions else None
     if not isinstance(caption, str) or not caption.strip():
         return None
     try:
