@@ -321,3 +321,22 @@ def test_card_refuses_results_of_another_model(tmp_path, capsys):
         results.write_text(json.dumps({**zero_shot, "model": model}))
         assert main(["card", "--model", str(ours), "--results", str(results)]) == 0
         assert "| zero-shot | imagenet-1k | Top-1 accuracy | 63.12 |" in (ours / "README.md").read_text()
+
+
+def test_training_card_keeps_its_limitations_when_bias_is_measured(tmp_path):
+    from hf_clip.cards import TRAINING_RECORD, render_training_card
+
+    config = HfClipConfig.from_preset("RN50")
+    setattr(
+        config,
+        TRAINING_RECORD,
+        dict(init="random", train_split="train", steps=10, global_batch_size=8, per_device_batch_size=8,
+             gradient_accumulation_steps=1, num_processes=1, learning_rate=1e-3, weight_decay=0.2,
+             warmup_steps=1, loss="clip", mixed_precision="no", seed=0),
+    )  # fmt: skip
+    bias = load_results(_results_files(tmp_path)[2])
+    unmeasured, measured = render_training_card(config), render_training_card(config, results=[bias])
+    for card in (unmeasured, measured):
+        assert "## Bias and limitations" in card and "16.5% of images of men" in card
+    assert "Not measured for this model" in unmeasured and "Not measured" not in measured
+    assert "15.0% of images were classified into crime-related" in measured

@@ -422,8 +422,10 @@ def test_converted_directory_is_complete(tmp_path):
 
 def test_resnet_cannot_become_transformers(tmp_path):
     torch.save(_reference(_shrunk_config("RN50-quickgelu")).state_dict(), tmp_path / "rn.pt")
+    # Refused first: the processor check (this vocabulary is not OpenAI's) used to answer, and only after
+    # --no-processor did the real reason come.
     with pytest.raises(ConversionError, match="no ResNet image tower"):
-        convert_checkpoint(tmp_path / "rn.pt", tmp_path / "out", to="transformers", processor=False)
+        convert_checkpoint(tmp_path / "rn.pt", tmp_path / "out", to="transformers")
     assert not (tmp_path / "out").exists()
 
 

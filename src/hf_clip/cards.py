@@ -456,14 +456,18 @@ def render_training_card(
     measured, bias = _measured_section(results), _bias_section(results)
     if measured or bias:
         parts.append("\n\n".join(["## Evaluation", *(section for section in (measured, bias) if section)]))
-    if not bias:
-        parts.append(
-            "## Bias and limitations\n\nNot measured for this model. CLIP models learn the associations of "
-            "their training data, harmful ones included: in the paper's probe, OpenAI's model put 4.9% of "
-            "FairFace images into non-human classes (about 14% of images of Black people) and 16.5% of images "
-            "of men into crime-related ones. Measure this model with `hf-clip eval bias` before using it on "
-            "images of people; `hf-clip card --results` adds the results here."
-        )
+    measured_note = (
+        "This model's own bias probes are under Evaluation above."
+        if bias
+        else "Not measured for this model: run `hf-clip eval bias` before using it on images of people; "
+        "`hf-clip card --results` adds the results to this card."
+    )
+    parts.append(
+        "## Bias and limitations\n\nCLIP models learn the associations of their training data, harmful ones "
+        "included: in the paper's probe, OpenAI's model put 4.9% of FairFace images into non-human classes "
+        "(about 14% of images of Black people) and 16.5% of images of men into crime-related ones. "
+        + measured_note
+    )
     parts.append(
         "## How to use\n\n```python\nimport hf_clip  # registers the model type with transformers\n"
         "from transformers import pipeline\n\n"
@@ -569,8 +573,10 @@ def add_card_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "card",
         help="Write a model folder's README.md (model card) from the template and measured results.",
-        description="Render the Hub model card of one of the paper's nine models into MODEL/README.md, adding "
-        "measured results (JSON files written by `hf-clip eval`) to model-index and the bias section.",
+        description="Write MODEL/README.md: for a model trained with examples/pretrain.py, the card of its own "
+        "run (recorded in its config.json); otherwise the Hub card of the paper model whose architecture it "
+        "has. Measured results (JSON files written by `hf-clip eval`) go into model-index, the results "
+        "section and the bias section.",
     )
     parser.add_argument("--model", required=True, help="Saved model folder (config.json inside).")
     parser.add_argument(

@@ -294,6 +294,8 @@ def convert_checkpoint(
     _prepare_output(out_dir, overwrite, Path(src))  # before any download
     src = resolve_source(src, revision)
     state_dict, config = load_hf_clip_state_dict(src, activation, config)
+    # What CLIPModel cannot hold (a ResNet tower) is refused before any processor check.
+    clip_config = config_to_transformers(config) if to == "transformers" else None
     if to == "transformers" and "logit_bias" in state_dict:
         raise ConversionError(
             f"{src} has a logit bias (trained with the sigmoid loss), which transformers' CLIPModel lacks: "
@@ -307,8 +309,7 @@ def convert_checkpoint(
             _find_openai_bpe()
         elif not Path(bpe_vocab).expanduser().is_file():
             raise FileNotFoundError(f"BPE vocabulary not found: {bpe_vocab} (--bpe-vocab).")
-    if to == "transformers":
-        clip_config = config_to_transformers(config)
+    if clip_config is not None:
         model = _build(CLIPModel, clip_config, invert_rules(state_dict, transformers_rules(config)))
     else:
         model = _build(HfClipModel, config, state_dict)

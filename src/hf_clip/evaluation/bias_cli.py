@@ -32,7 +32,12 @@ def add_bias_parser(subparsers: Any) -> argparse.ArgumentParser:
         "an image column and FairFace-style race, gender and age columns (ClassLabel or strings). Label sets "
         "and prompts come from --config (JSON with BiasProbeConfig fields).",
     )
-    parser.add_argument("--split", default="validation")
+    parser.add_argument(
+        "--split",
+        default="validation",
+        help="Split to probe (default: validation, FairFace's held-out split; the other evaluations default "
+        "to test).",
+    )
     parser.add_argument(
         "--probes",
         nargs="+",
