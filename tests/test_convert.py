@@ -964,3 +964,14 @@ def test_hub_files_to_fetch_prefer_safetensors_and_name_what_is_missing(tmp_path
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
     resolve_source("hf-hub:org/cached")
     assert calls == [("download", "org/cached", None, None, True)]
+
+
+def test_a_model_folders_own_weights_file_converts_as_the_folder(tmp_path):
+    # Given `folder/model.safetensors` rather than the folder, the config.json beside it was ignored: heads were
+    # guessed as width / 64 (1 here, not 2) and the embeddings came out wrong.
+    reference = _transformers_reference(_tiny_clip_config())
+    reference.save_pretrained(tmp_path / "transformers")
+    out = convert_checkpoint(tmp_path / "transformers" / "model.safetensors", tmp_path / "out", processor=False)
+    model = HfClipModel.from_pretrained(out).eval()
+    assert model.config.text_config.num_attention_heads == 2
+    _assert_transformers_parity(reference, model)

@@ -93,6 +93,23 @@ def _load_source(src: Path) -> tuple[dict[str, torch.Tensor], HfClipConfig | CLI
     return _load_directory_weights(src), config
 
 
+def _model_folder_of(src: Path) -> Path:
+    """A model folder's own weights file stands for the folder: its config.json names the heads and activation
+    (guessed from shapes otherwise) and its image processor the preprocessing (OpenAI's otherwise)."""
+    config_file = src.parent / "config.json"
+    if src.is_file() and src.name in _WEIGHT_FILES and config_file.is_file():
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return src
+        if model_type in ("clip", HfClipConfig.model_type):
+            logger.info(
+                "%s is the weights file of the model folder %s: converting the folder.", src, src.parent
+            )
+            return src.parent
+    return src
+
+
 def _set_activation(config: HfClipConfig, activation: str) -> None:
     config.text_config.hidden_act = activation
     config.vision_config.hidden_act = activation
@@ -166,7 +183,7 @@ def load_hf_clip_state_dict(
     """
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r}; use one of {ACTIVATIONS}.")
-    src = resolve_source(src, revision)
+    src = _model_folder_of(resolve_source(src, revision))
     state_dict, source_config = _load_source(src)
     layout = detect_layout(state_dict)
     what = f"{layout} checkpoint {src.name}"
@@ -292,7 +309,7 @@ def convert_checkpoint(
         raise ValueError(f"to={to!r}; use one of {_TARGETS}.")
     out_dir = Path(out_dir).expanduser().resolve()  # "." has no name to publish under, nor a real parent
     _prepare_output(out_dir, overwrite, Path(src))  # before any download
-    src = resolve_source(src, revision)
+    src = _model_folder_of(resolve_source(src, revision))
     state_dict, config = load_hf_clip_state_dict(src, activation, config)
     # What CLIPModel cannot hold (a ResNet tower) is refused before any processor check.
     clip_config = config_to_transformers(config) if to == "transformers" else None
