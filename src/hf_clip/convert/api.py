@@ -93,11 +93,12 @@ def _load_source(src: Path) -> tuple[dict[str, torch.Tensor], HfClipConfig | CLI
     return _load_directory_weights(src), config
 
 
-def _model_folder_of(src: Path) -> Path:
+def _model_folder_of(src: Path, config: object = None) -> Path:
     """A model folder's own weights file stands for the folder: its config.json names the heads and activation
-    (guessed from shapes otherwise) and its image processor the preprocessing (OpenAI's otherwise)."""
+    (guessed from shapes otherwise) and its image processor the preprocessing (OpenAI's otherwise). Not when
+    the caller names the architecture (`config`)."""
     config_file = src.parent / "config.json"
-    if src.is_file() and src.name in _WEIGHT_FILES and config_file.is_file():
+    if config is None and src.is_file() and src.name in _WEIGHT_FILES and config_file.is_file():
         try:
             model_type = json.loads(config_file.read_text()).get("model_type")
         except (OSError, ValueError, AttributeError):
@@ -183,7 +184,7 @@ def load_hf_clip_state_dict(
     """
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r}; use one of {ACTIVATIONS}.")
-    src = _model_folder_of(resolve_source(src, revision))
+    src = _model_folder_of(resolve_source(src, revision), config)
     state_dict, source_config = _load_source(src)
     layout = detect_layout(state_dict)
     what = f"{layout} checkpoint {src.name}"
@@ -309,7 +310,7 @@ def convert_checkpoint(
         raise ValueError(f"to={to!r}; use one of {_TARGETS}.")
     out_dir = Path(out_dir).expanduser().resolve()  # "." has no name to publish under, nor a real parent
     _prepare_output(out_dir, overwrite, Path(src))  # before any download
-    src = _model_folder_of(resolve_source(src, revision))
+    src = _model_folder_of(resolve_source(src, revision), config)
     state_dict, config = load_hf_clip_state_dict(src, activation, config)
     # What CLIPModel cannot hold (a ResNet tower) is refused before any processor check.
     clip_config = config_to_transformers(config) if to == "transformers" else None
