@@ -971,7 +971,9 @@ def test_a_model_folders_own_weights_file_converts_as_the_folder(tmp_path):
     # guessed as width / 64 (1 here, not 2) and the embeddings came out wrong.
     reference = _transformers_reference(_tiny_clip_config())
     reference.save_pretrained(tmp_path / "transformers")
-    out = convert_checkpoint(tmp_path / "transformers" / "model.safetensors", tmp_path / "out", processor=False)
+    out = convert_checkpoint(
+        tmp_path / "transformers" / "model.safetensors", tmp_path / "out", processor=False
+    )
     model = HfClipModel.from_pretrained(out).eval()
     assert model.config.text_config.num_attention_heads == 2
     _assert_transformers_parity(reference, model)

@@ -411,7 +411,9 @@ def test_two_processes_bf16(tmp_path):
 
 def test_two_processes_resume_each_from_its_own_batch(tmp_path):
     # Process 1's first batch holds only unreadable images, so it takes the next one and runs a batch ahead
-    # of process 0; resumed from the main process's position, it replayed a batch.
+    # of process 0; resumed from the main process's position, it replayed a batch. Each has 6 batches per
+    # epoch, so by step 6 process 1 is one batch into epoch 1 while process 0 is still in epoch 0: resumed
+    # in the main process's epoch, process 1 replayed epoch 0.
     order = torch.randperm(48, generator=torch.Generator().manual_seed(0)).tolist()
     _swatches(tmp_path / "data.parquet", 48, bad=set(order[4:8]))  # process 1's share of the first batch
     data = [
@@ -420,22 +422,32 @@ def test_two_processes_resume_each_from_its_own_batch(tmp_path):
         "--per_device_train_batch_size=4",
     ]
     full = _launch(
-        tmp_path / "full", [*data, "--checkpointing_steps=2"], *TWO_CPU_PROCESSES, "--main_process_port=29534"
+        tmp_path / "full",
+        [*data, "--checkpointing_steps=6", "--max_steps=7"],
+        *TWO_CPU_PROCESSES,
+        "--main_process_port=29534",
     )
     assert full.returncode == 0, full.stderr[-3000:]
     resumed_run = tmp_path / "resumed" / "run"
     shutil.copytree(
-        tmp_path / "full" / "run" / "checkpoints" / "step_2", resumed_run / "checkpoints" / "step_2"
+        tmp_path / "full" / "run" / "checkpoints" / "step_6", resumed_run / "checkpoints" / "step_6"
     )
+    progress = json.loads((resumed_run / "checkpoints" / "step_6" / "progress.json").read_text())
+    assert progress["epochs"] == [0, 1]
     resumed = _launch(
         tmp_path / "resumed",
-        [*data, "--resume_from_checkpoint=latest", f"--tokenizer={tmp_path / 'full' / 'run' / 'tokenizer'}"],
+        [
+            *data,
+            "--max_steps=7",
+            "--resume_from_checkpoint=latest",
+            f"--tokenizer={tmp_path / 'full' / 'run' / 'tokenizer'}",
+        ],
         *TWO_CPU_PROCESSES,
         "--main_process_port=29535",
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     uninterrupted, after = logged_losses(tmp_path / "full" / "run"), logged_losses(resumed_run)
-    assert after[3] == pytest.approx(uninterrupted[3], abs=1e-6)
+    assert after[7] == pytest.approx(uninterrupted[7], abs=1e-6)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

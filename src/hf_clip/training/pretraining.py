@@ -438,7 +438,7 @@ def _save_checkpoint(
     accelerator: Any,
     output_dir: Path,
     step: int,
-    epoch: int,
+    epochs: list[int],
     batch_in_epoch: int,
     skipped: int,
     worker_batches: list[list[int]] | None = None,
@@ -459,7 +459,8 @@ def _save_checkpoint(
             json.dumps(
                 {
                     "step": step,
-                    "epoch": epoch,
+                    "epoch": epochs[0],
+                    "epochs": epochs,  # [process]
                     "batch": batch_in_epoch,
                     "skipped": skipped,
                     "worker_batches": worker_batches,
@@ -648,7 +649,8 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         _check_resume_settings(path, progress.get("settings"), _resume_settings(args, world), accelerator)
         accelerator.load_state(str(path))
         _rate_of_this_schedule(scheduler)
-        step, epoch, start_batch = progress["step"], progress["epoch"], progress["batch"]
+        step, start_batch = progress["step"], progress["batch"]
+        epoch = progress.get("epochs", [progress["epoch"]] * world)[rank]  # this process's own
         log_file = output_dir / "train_log.jsonl"
         if accelerator.is_main_process and log_file.exists():  # drop the lines of steps about to be rerun
             kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= step]
@@ -809,16 +811,18 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
                 window = dict.fromkeys(window, 0.0)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 dropped = int(accelerator.reduce(skipped.to(accelerator.device), "sum"))
-                per_process = accelerator.gather(torch.tensor(worker_batches, device=accelerator.device))
-                per_process = per_process.view(world, num_loader_workers).tolist()
+                # Each process's epoch and batches per worker: a process whose stream ends earlier, or that
+                # skipped a whole batch, starts its next epoch before the others.
+                position = torch.tensor([epoch, *worker_batches], device=accelerator.device)
+                per_process = accelerator.gather(position).view(world, 1 + num_loader_workers).tolist()
                 _save_checkpoint(
                     accelerator,
                     output_dir,
                     step,
-                    epoch,
+                    [row[0] for row in per_process],
                     batch_in_epoch,
                     dropped,
-                    per_process,
+                    [row[1:] for row in per_process],
                     _resume_settings(args, world),
                 )
             if args.eval_steps and step % args.eval_steps == 0 and eval_data is not None:
