@@ -833,10 +833,11 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         if exhausted:
             if step == epoch_start_step and start_batch == 0:
                 # Every row of a whole epoch was skipped (or there were too few for one step): stop instead of
-                # starting epoch after epoch forever.
-                dropped = int(accelerator.reduce(skipped.to(accelerator.device), "sum"))
+                # starting epoch after epoch forever. This process's own count: a collective here would wait
+                # forever for processes whose data did not run out.
                 raise ValueError(
-                    f"A whole epoch gave no training step: {dropped} rows skipped so far as unreadable images "
+                    f"A whole epoch gave no training step on process {rank}: {int(skipped)} rows skipped so far "
+                    "as unreadable images "
                     f"or empty captions. Check --image_column ({args.image_column!r}) and --caption_column "
                     f"({args.caption_column!r}) and the data itself."
                 )
