@@ -427,7 +427,8 @@ def render_training_card(
         f"Transferable Visual Models From Natural Language Supervision* ([arXiv:2103.00020]({PAPER_URL})), "
         "using hf_clip's `examples/pretrain.py`. It is **not** one of OpenAI's released CLIP models: its "
         "abilities and biases are those of the data below, and no figure from the paper applies to it.",
-        "## Training\n\n" + _table(_training_rows(record)),
+        "## Training\n\nAs recorded in `config.json` by `examples/pretrain.py` at the end of its run (training "
+        "with other tools afterwards is not recorded).\n\n" + _table(_training_rows(record)),
         "## Architecture\n\n"
         + _table(
             [
