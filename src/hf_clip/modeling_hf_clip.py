@@ -133,7 +133,10 @@ class HfClipPatchEmbedding(HfClipConv2d):
         patches = x.reshape(batch, channels, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5)
         weight, bias = self._weights(x)
         out = F.linear(patches.reshape(batch, rows * cols, -1), weight.reshape(weight.shape[0], -1), bias)
-        return out.transpose(1, 2).unflatten(2, (rows, cols))
+        # A view with the batch named, not `unflatten`: the TorchScript ONNX exporter typed unflatten's output
+        # with the example's batch size and folded it into the class token's expand, so the exported image
+        # tower failed at any other batch size.
+        return out.transpose(1, 2).view(batch, -1, rows, cols)
 
 
 def eager_attention_forward(
