@@ -72,3 +72,33 @@ def test_torchscript_onnx_export_of_the_vit_keeps_the_batch_dynamic(tmp_path):
             torch.testing.assert_close(
                 torch.from_numpy(got), model.get_image_features(px), rtol=1e-5, atol=1e-5
             )
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("vision_type", ["vit", "resnet"])
+def test_dynamic_quantisation_reaches_every_linear_layer(vision_type):
+    """torch.ao matches layer types exactly: on hf_clip's own layers `quantize_dynamic` quantised nothing,
+    silently. After `plain_torch_layers` (which changes no number) it quantises every linear layer."""
+    import torch.ao.nn.quantized.dynamic as nnqd
+    from torch import nn
+
+    from hf_clip import plain_torch_layers
+    from hf_clip.modeling_hf_clip import HfClipLinear
+
+    torch.manual_seed(0)
+    cfg = tiny_config(vision_type)
+    model = HfClipModel(cfg).eval()
+    names = [name for name, m in model.named_modules() if isinstance(m, HfClipLinear)]
+    ids, px = ids_batch(), pixels(cfg)
+    with torch.no_grad():
+        text, image = model.get_text_features(ids), model.get_image_features(px)
+        keys = list(model.state_dict())
+        assert plain_torch_layers(model) is model
+        assert list(model.state_dict()) == keys
+        torch.testing.assert_close(model.get_text_features(ids), text, rtol=0, atol=0)
+        torch.testing.assert_close(model.get_image_features(px), image, rtol=0, atol=0)
+        quantised = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        modules = dict(quantised.named_modules())
+        assert all(isinstance(modules[name], nnqd.Linear) for name in names)
+        for got, ref in ((quantised.get_text_features(ids), text), (quantised.get_image_features(px), image)):
+            assert torch.nn.functional.cosine_similarity(got, ref).min() > 0.99

@@ -24,6 +24,7 @@ from .modeling_hf_clip import (
     HfClipVisionModel,
     HfClipVisionModelWithProjection,
     contrastive_loss,
+    plain_torch_layers,
 )
 from .processing_hf_clip import HfClipProcessor
 from .tokenization_hf_clip import HfClipTokenizer
@@ -80,6 +81,7 @@ __all__ = [
     "HfClipVisionModel",
     "HfClipVisionModelWithProjection",
     "contrastive_loss",
+    "plain_torch_layers",
     "HfClipTokenizer",
     "HfClipImageProcessor",
     "RandomResizedSquareCrop",

@@ -104,6 +104,28 @@ class HfClipConv2d(_KeepsAutocastWeights, nn.Conv2d):
         return self._conv_forward(x, *self._weights(x))
 
 
+def plain_torch_layers(model: nn.Module) -> nn.Module:
+    """Make hf_clip's own linear and convolution layers (`HfClipLinear`, `HfClipConv2d`) the plain `nn.Linear`
+    and `nn.Conv2d` they extend, in place; returns `model`. Same parameters, names and numbers: only the
+    cast weights that `_KeepsAutocastWeights` keeps between fp32 inference calls under autocast are given up.
+
+    For tools that match layer types exactly rather than with `isinstance`: torch.ao's
+    `quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)` quantised none of an hf_clip model's layers
+    (silently: the model came back unchanged), and its quantised Linear refuses a subclass even when named.
+    The ViT's patch embedding (`HfClipPatchEmbedding`, a convolution run as one GEMM) is kept."""
+    plain = {HfClipLinear: nn.Linear, HfClipConv2d: nn.Conv2d}
+    layers = [m for m in model.modules() if type(m) in plain]
+    if any(hasattr(m, "_hf_hook") for m in layers):
+        raise ValueError(
+            "plain_torch_layers cannot convert layers that accelerate offloads (`device_map` with CPU or disk "
+            "offload): their hooks call the hf_clip layer's own forward. Load the model without offloading."
+        )
+    for m in layers:
+        m.__dict__.pop("_cast", None)
+        m.__class__ = plain[type(m)]
+    return model
+
+
 class HfClipPatchEmbedding(HfClipConv2d):
     """The ViT's patch convolution (kernel = stride, no padding) run as one GEMM over the flattened patches:
     the same parameter and result, but a backward made of GEMMs. On CPU, oneDNN's bf16 convolution backward
@@ -1242,4 +1264,5 @@ __all__ = [
     "HfClipVisionModel",
     "HfClipVisionModelWithProjection",
     "contrastive_loss",
+    "plain_torch_layers",
 ]
