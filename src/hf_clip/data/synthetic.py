@@ -275,8 +275,10 @@ def load_synthetic_clip_dataset(
     templates = [CAPTION_TEMPLATES[i] for i in rng.integers(0, len(CAPTION_TEMPLATES), size=num_samples)]
 
     def render_chunk(start: int) -> list[bytes]:
-        # Each chunk has its own generator, so the output does not depend on thread scheduling.
-        chunk_rng = np.random.default_rng([*split_seed, start])
+        # Each chunk has its own generator, so the output does not depend on thread scheduling. The 1 tags
+        # these streams apart from the labels' one: SeedSequence pads its entropy with zeros, so
+        # [seed, split, 0] (the first chunk's old key) is [seed, split] and replayed the label draws.
+        chunk_rng = np.random.default_rng([*split_seed, 1, start])
         stop = min(start + _CHUNK, num_samples)
         backgrounds = _backgrounds(chunk_rng, stop - start, image_size)
         return [
