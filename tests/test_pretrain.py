@@ -310,6 +310,13 @@ def test_torch_compile_trains_the_same_model(tmp_path):
         eager_model.state_dict().items(), compiled_model.state_dict().items(), strict=True
     ):
         assert name == other
+        if name.endswith("qkv_proj.bias"):
+            # The key bias shifts every logit of a query by the same amount, which the softmax cancels: its
+            # gradient is zero up to rounding noise, which Adam normalises into steps of up to the full rate,
+            # so eager and compiled runs walk it apart. It never changes any output; the query and value
+            # biases are compared.
+            width = a.shape[0] // 3
+            a, b = torch.cat([a[:width], a[2 * width :]]), torch.cat([b[:width], b[2 * width :]])
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # Adam turns 1e-7 loss noise into ~1e-5
 
 
