@@ -32,6 +32,13 @@ LABELS = ["cat", "dog", "red sports car"]
 LONG_LABEL = " ".join(f"word{i}" for i in range(120))
 
 
+@pytest.fixture(autouse=True)
+def never_ask_to_trust_remote_code(monkeypatch):
+    """transformers asks on the terminal (and waits 15 s) before running a folder's own code; loading a folder
+    with hf_clip imported must never come to that."""
+    monkeypatch.setattr("builtins.input", lambda *args: pytest.fail(f"prompted: {args}"))
+
+
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     torch.manual_seed(0)

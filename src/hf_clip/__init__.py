@@ -8,14 +8,17 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
+    AutoModelForImageClassification,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
     AutoTokenizer,
+    AutoVideoProcessor,
 )
 
 from .configuration_hf_clip import PAPER_MODELS, PRESETS, HfClipConfig, HfClipTextConfig, HfClipVisionConfig
 from .image_processing_hf_clip import HfClipImageProcessor, RandomResizedSquareCrop
 from .modeling_hf_clip import (
+    HfClipForImageClassification,
     HfClipModel,
     HfClipOutput,
     HfClipPreTrainedModel,
@@ -50,15 +53,20 @@ def _register() -> None:
     AutoModel.register(HfClipTextConfig, HfClipTextModel, exist_ok=True)
     AutoModel.register(HfClipVisionConfig, HfClipVisionModel, exist_ok=True)
     AutoModelForZeroShotImageClassification.register(HfClipConfig, HfClipModel, exist_ok=True)
+    AutoModelForImageClassification.register(HfClipConfig, HfClipForImageClassification, exist_ok=True)
     AutoTokenizer.register(HfClipConfig, tokenizer_class=HfClipTokenizer, exist_ok=True)
     # One class serves both backends AutoImageProcessor may ask for.
     backends = {"pil": HfClipImageProcessor, "torchvision": HfClipImageProcessor}
     AutoImageProcessor.register(HfClipConfig, image_processor_classes=backends, exist_ok=True)
     AutoProcessor.register(HfClipConfig, HfClipProcessor, exist_ok=True)
+    # No video processor, said explicitly: pipelines look for one, derive its remote-code name from the image
+    # processor's auto_map, and would otherwise ask the user whether to trust that code (a 15 s prompt).
+    AutoVideoProcessor.register(HfClipConfig, video_processor_classes={}, exist_ok=True)
     # save_pretrained writes the code and auto_map, so folders load with trust_remote_code=True.
     HfClipConfig.register_for_auto_class()
     for model_cls in (HfClipModel, HfClipTextModel, HfClipVisionModel):
         model_cls.register_for_auto_class("AutoModel")
+    HfClipForImageClassification.register_for_auto_class("AutoModelForImageClassification")
     HfClipTokenizer.register_for_auto_class("AutoTokenizer")
     HfClipImageProcessor.register_for_auto_class("AutoImageProcessor")
     HfClipProcessor.register_for_auto_class("AutoProcessor")
@@ -73,6 +81,7 @@ __all__ = [
     "HfClipConfig",
     "HfClipTextConfig",
     "HfClipVisionConfig",
+    "HfClipForImageClassification",
     "HfClipModel",
     "HfClipOutput",
     "HfClipPreTrainedModel",

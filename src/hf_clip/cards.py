@@ -486,6 +486,9 @@ def render_model_card(
     paper model whose architecture it has (`preset` checked against it)."""
     model_dir = Path(model_dir)
     config = HfClipConfig.from_pretrained(model_dir)
+    config.check_has_text_tower(
+        "a CLIP model card (its zero-shot and bias sections); write its card yourself"
+    )
     if training_record(config) is not None:
         if preset:
             raise ValueError(

@@ -279,6 +279,17 @@ class HfClipConfig(PretrainedConfig):
             **overrides,
         )
 
+    def check_has_text_tower(self, use: str) -> None:
+        """Refuse a folder saved by HfClipForImageClassification where both towers are needed (`use` says for
+        what): loaded as HfClipModel it would get a random text tower and temperature, and score at chance."""
+        if "HfClipForImageClassification" in (self.architectures or []):
+            raise ValueError(
+                f"This folder holds an image classifier (HfClipForImageClassification: the image tower and a "
+                f"{self.num_labels}-class head, no text tower), so it cannot be used for {use}. Classify with "
+                "pipeline('image-classification', model=...) or AutoModelForImageClassification; for the "
+                "contrastive model, use the folder the classifier was made from."
+            )
+
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out["text_config"] = self.text_config.to_dict()

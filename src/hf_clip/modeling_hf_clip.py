@@ -8,6 +8,7 @@ the end-of-text token. This file imports only its sibling config so `trust_remot
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
@@ -498,6 +499,16 @@ class HfClipPreTrainedModel(PreTrainedModel):
             init.constant_(module.logit_scale, module.config.logit_scale_init_value)
             if module.logit_bias is not None:
                 init.constant_(module.logit_bias, module.config.logit_bias_init_value)
+        elif isinstance(module, HfClipForImageClassification):
+            if isinstance(module.visual_projection, nn.Linear):
+                init.normal_(
+                    module.visual_projection.weight,
+                    std=module.config.vision_config.hidden_size**-0.5 * factor,
+                )
+            if isinstance(module.classifier, nn.Linear):
+                # Unit-norm features: a small head starts near uniform predictions, as a fresh linear probe.
+                init.normal_(module.classifier.weight, std=0.02 * factor)
+                init.zeros_(module.classifier.bias)
         elif isinstance(module, HfClipTextModelWithProjection):
             init.normal_(module.text_projection.weight, std=module.config.hidden_size**-0.5 * factor)
         elif isinstance(module, HfClipVisionModelWithProjection) and isinstance(
@@ -512,7 +523,13 @@ class HfClipPreTrainedModel(PreTrainedModel):
         """Also record every Auto class in `auto_map`, so the folder loads with `trust_remote_code=True`."""
         if self._auto_class is not None:
             config = self.config
-            auto_map = dict(getattr(config, "auto_map", None) or {})
+            # Entries for hf_clip's other model classes go: a config copied from a contrastive model must not
+            # send AutoModel to HfClipModel for a folder without a text tower.
+            auto_map = {
+                key: value
+                for key, value in (getattr(config, "auto_map", None) or {}).items()
+                if not str(value).startswith("modeling_hf_clip.")
+            }
             auto_map.setdefault("AutoConfig", f"configuration_hf_clip.{config.__class__.__name__}")
             for auto_class in _AUTO_CLASSES.get(type(self).__name__, ()):
                 auto_map[auto_class] = f"modeling_hf_clip.{type(self).__name__}"
@@ -1246,9 +1263,92 @@ class HfClipModel(HfClipPreTrainedModel):
         return output if as_dict else output.to_tuple()
 
 
+class HfClipForImageClassification(HfClipPreTrainedModel):
+    """The image tower with a linear classifier on its L2-normalised joint-space embedding, for fine-tuning
+    (`AutoModelForImageClassification`, `pipeline("image-classification")`, the Trainer).
+
+    transformers' CLIPForImageClassification classifies the mean of a ViT's patch tokens. Here the classifier
+    reads the embedding that zero-shot classification compares with prompts: every tower has one (ResNets
+    too), and `from_zero_shot` can then start the classifier as the zero-shot one, with its logits exactly,
+    the starting point of fine-tuning recipes such as WiSE-FT (Wortsman et al., 2022) and LP-FT. Loads from
+    any hf_clip model folder with `num_labels=...`; the text tower is not loaded."""
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _keys_to_ignore_on_load_unexpected = [
+        r"^text_model\.",
+        r"^text_projection\.",
+        r"^logit_scale$",
+        r"^logit_bias$",
+    ]
+
+    def __init__(self, config: HfClipConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vision_model = build_vision_tower(config.vision_config)
+        self.visual_projection = _visual_projection(config.vision_config)
+        self.classifier = (
+            nn.Linear(config.projection_dim, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.get_input_embeddings()
+
+    @classmethod
+    def from_zero_shot(cls, model: HfClipModel, classifier: Any) -> HfClipForImageClassification:
+        """A classifier whose logits equal `classifier`'s (a `ZeroShotClassifier` built from `model`): the
+        image tower and projection of `model`, and a head holding exp(logit_scale) times the ensembled class
+        embeddings (plus the logit bias of a sigmoid-loss model; softmax scores ignore it). Labels are the
+        classes' first names. Fine-tuning then starts from zero-shot accuracy rather than chance."""
+        weights = classifier.weights
+        if weights.ndim != 2 or weights.shape[1] != model.config.projection_dim:
+            raise ValueError(
+                f"The class embeddings are {tuple(weights.shape)} but the model embeds in "
+                f"{model.config.projection_dim} dimensions; build the ZeroShotClassifier from this model."
+            )
+        config = copy.deepcopy(model.config)
+        config.id2label = dict(enumerate(classifier.labels))
+        config.label2id = {label: i for i, label in config.id2label.items()}
+        param = next(model.parameters())
+        head = cls(config).to(device=param.device, dtype=param.dtype)
+        head.vision_model.load_state_dict(model.vision_model.state_dict())
+        head.visual_projection.load_state_dict(model.visual_projection.state_dict())
+        with torch.no_grad():
+            head.classifier.weight.copy_(classifier.scale * weights.to(param.device, torch.float32))
+            head.classifier.bias.fill_(classifier.logit_bias or 0.0)
+        return head
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> ImageClassifierOutput | tuple[Any, ...]:
+        """Logits [batch, num_labels]; with `labels`, transformers' classification loss for the config's
+        `problem_type` (cross-entropy for integer labels). A ViT's last block runs for the class token alone
+        unless hidden states or attentions are asked for, which changes no logit."""
+        hidden, attentions, as_dict = self._call_options(output_hidden_states, return_dict, kwargs)
+        if pixel_values is None:
+            raise ValueError("HfClipForImageClassification.forward needs pixel_values.")
+        out = self.vision_model(
+            pixel_values, interpolate_pos_encoding, hidden, pooled_only=True, output_attentions=attentions
+        )
+        logits = self.classifier(_normalize(self.visual_projection(out.pooler_output)))
+        loss = None if labels is None else self.loss_function(labels, logits, self.config)
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
+        return output if as_dict else output.to_tuple()
+
+
 # Which Auto classes each model answers to; written into `auto_map` by save_pretrained.
 _AUTO_CLASSES = {
     "HfClipModel": ("AutoModel", "AutoModelForZeroShotImageClassification"),
+    "HfClipForImageClassification": ("AutoModelForImageClassification",),
     "HfClipTextModel": ("AutoModel",),
     "HfClipVisionModel": ("AutoModel",),
     "HfClipTextModelWithProjection": ("AutoModel",),
@@ -1256,6 +1356,7 @@ _AUTO_CLASSES = {
 }
 
 __all__ = [
+    "HfClipForImageClassification",
     "HfClipModel",
     "HfClipOutput",
     "HfClipPreTrainedModel",

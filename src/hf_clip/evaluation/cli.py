@@ -196,6 +196,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse._SubPars
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    from ..configuration_hf_clip import HfClipConfig
     from ..image_processing_hf_clip import HfClipImageProcessor
     from ..modeling_hf_clip import HfClipModel
     from ..processing_hf_clip import HfClipProcessor
@@ -211,6 +212,7 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
             f"--model {args.model} has no config.json, so it is not a save_pretrained hf_clip folder; convert "
             "a checkpoint into one with `hf-clip convert SRC OUT_DIR` and pass OUT_DIR."
         )
+    HfClipConfig.from_pretrained(str(model_dir)).check_has_text_tower("hf-clip eval, which loads both towers")
     device = _device(args.device)
     try:
         model = HfClipModel.from_pretrained(str(model_dir)).to(device).eval()

@@ -535,6 +535,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         tokenizer = HfClipTokenizer.from_pretrained(tok_dir)
 
     if pretrained_dir:
+        HfClipConfig.from_pretrained(pretrained_dir).check_has_text_tower("contrastive training")
         model = HfClipModel.from_pretrained(pretrained_dir)
         _pretrained_overrides(args, model)
     else:

@@ -1,0 +1,204 @@
+"""HfClipForImageClassification: Auto loading from a CLIP folder, the zero-shot start, training, the pipeline."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from test_modeling import pixels, tiny_config
+from transformers import AutoModel, AutoModelForImageClassification, Trainer, TrainingArguments, pipeline
+
+from hf_clip import (
+    HfClipForImageClassification,
+    HfClipImageProcessor,
+    HfClipModel,
+    HfClipProcessor,
+    HfClipTokenizer,
+    ZeroShotClassifier,
+)
+from hf_clip.cards import render_model_card
+from hf_clip.cli import main as hf_clip_main
+
+CLASSES = ["cat", "dog", "bird"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> HfClipTokenizer:
+    open_clip = pytest.importorskip("open_clip")
+    return HfClipTokenizer.from_openai_bpe(
+        str(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz")
+    )
+
+
+def clip_folder(
+    tmp_path: Path, vision_type: str, tokenizer: HfClipTokenizer, **kw
+) -> tuple[HfClipModel, Path]:
+    torch.manual_seed(0)
+    config = tiny_config(vision_type, **kw)
+    model = HfClipModel(config).eval()
+    folder = tmp_path / f"clip_{vision_type}"
+    model.save_pretrained(folder)
+    HfClipProcessor(
+        image_processor=HfClipImageProcessor.for_image_size(config.vision_config.image_size),
+        tokenizer=tokenizer,
+    ).save_pretrained(folder)
+    return model, folder
+
+
+@pytest.mark.parametrize("vision_type", ["vit", "resnet"])
+def test_auto_class_loads_the_image_tower_of_a_clip_folder(tmp_path, tokenizer, vision_type):
+    clip, folder = clip_folder(tmp_path, vision_type, tokenizer)
+    model = AutoModelForImageClassification.from_pretrained(folder, num_labels=4)
+    assert isinstance(model, HfClipForImageClassification) and model.config.num_labels == 4
+    assert not any(
+        name.startswith(("text_model", "text_projection", "logit")) for name, _ in model.named_parameters()
+    )
+    source = clip.state_dict()
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("classifier."):
+            torch.testing.assert_close(tensor, source[name], rtol=0, atol=0, msg=name)
+
+    x = pixels(clip.config, 4)
+    labels = torch.tensor([0, 1, 2, 3])
+    out = model(x, labels=labels)
+    # The head reads the unit-norm image embedding of the CLIP model it came from.
+    with torch.no_grad():
+        features = F.normalize(clip.get_image_features(x), dim=-1)
+    expected = features @ model.classifier.weight.t() + model.classifier.bias
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
+    out.loss.backward()
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+    # Every token returned with hidden states or attentions changes no logit; multi-label targets get BCE.
+    full = model(x, output_hidden_states=True, output_attentions=True)
+    torch.testing.assert_close(full.logits, out.logits, rtol=1e-5, atol=1e-6)
+    assert len(full.hidden_states) > 1 and len(full.attentions) >= 1
+    model.config.problem_type = "multi_label_classification"
+    multi = F.one_hot(labels, 4).float()
+    torch.testing.assert_close(
+        model(x, labels=multi).loss,
+        F.binary_cross_entropy_with_logits(out.logits, multi),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert model(x, return_dict=False)[0].shape == (4, 4)
+
+
+@pytest.mark.parametrize("vision_type,bias", [("vit", None), ("resnet", None), ("vit", -10.0)])
+def test_from_zero_shot_gives_the_zero_shot_logits(tmp_path, tokenizer, vision_type, bias):
+    clip, _ = clip_folder(tmp_path, vision_type, tokenizer, logit_bias_init_value=bias)
+    zero_shot = ZeroShotClassifier.from_model(clip, tokenizer, CLASSES, templates="imagenet", progress=False)
+    model = HfClipForImageClassification.from_zero_shot(clip, zero_shot).eval()
+    assert model.config.id2label == dict(enumerate(CLASSES)) and model.config.label2id["dog"] == 1
+    x = pixels(clip.config, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, zero_shot(x), rtol=1e-5, atol=1e-5)
+    # A copy: fine-tuning the classifier leaves the CLIP model alone.
+    assert model.visual_projection is not clip.visual_projection
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(1.0)
+    assert not torch.equal(
+        model.get_input_embeddings().weight, clip.vision_model.get_input_embeddings().weight
+    )
+
+    other = ZeroShotClassifier(torch.randn(3, 7), 1.0, CLASSES, ["{}"])
+    with pytest.raises(ValueError, match="embeds in 32 dimensions"):
+        HfClipForImageClassification.from_zero_shot(clip, other)
+
+
+def test_saved_classifier_round_trips_and_serves_the_image_classification_pipeline(
+    tmp_path, tokenizer, monkeypatch
+):
+    # The pipeline looks for a video processor too; it must not ask the user to trust remote code for one.
+    monkeypatch.setattr("builtins.input", lambda *args: pytest.fail(f"prompted: {args}"))
+    clip, folder = clip_folder(tmp_path, "vit", tokenizer)
+    zero_shot = ZeroShotClassifier.from_model(clip, tokenizer, CLASSES, progress=False)
+    model = HfClipForImageClassification.from_zero_shot(clip, zero_shot).eval()
+    out_dir = tmp_path / "classifier"
+    model.save_pretrained(out_dir)
+    HfClipImageProcessor.from_pretrained(folder).save_pretrained(out_dir)
+
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["architectures"] == ["HfClipForImageClassification"]
+    # No entry sends AutoModel to the contrastive model, whose text tower this folder lacks.
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_hf_clip.HfClipConfig",
+        "AutoModelForImageClassification": "modeling_hf_clip.HfClipForImageClassification",
+    }
+    loaded = AutoModelForImageClassification.from_pretrained(out_dir).eval()
+    x = pixels(clip.config, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+
+    images = [
+        Image.fromarray(np.random.RandomState(i).randint(0, 256, (40, 48, 3), dtype=np.uint8)) for i in (0, 1)
+    ]
+    classify = pipeline("image-classification", model=str(out_dir), top_k=None)
+    results = classify(images)
+    with torch.no_grad():
+        expected = zero_shot(
+            HfClipImageProcessor.from_pretrained(folder)(images, return_tensors="pt")["pixel_values"]
+        )
+    for result, row in zip(results, expected.softmax(-1)):
+        assert [r["label"] for r in result] == [CLASSES[i] for i in row.argsort(descending=True)]
+        np.testing.assert_allclose([r["score"] for r in result], row.sort(descending=True).values, atol=1e-5)
+
+
+def test_trainer_fine_tunes_the_classifier(tmp_path, tokenizer):
+    clip, folder = clip_folder(tmp_path, "vit", tokenizer)
+    model = AutoModelForImageClassification.from_pretrained(folder, num_labels=2)
+    generator = torch.Generator().manual_seed(0)
+    size = clip.config.vision_config.image_size
+    labels = torch.arange(64) % 2
+    # Two separable classes: a bright or a dark image, with noise.
+    images = torch.randn(64, 3, size, size, generator=generator) * 0.3 + (labels * 2.0 - 1.0).view(
+        -1, 1, 1, 1
+    )
+    rows = [{"pixel_values": image, "labels": int(label)} for image, label in zip(images, labels)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=16,
+        num_train_epochs=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < 0.7 * losses[0], losses
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(images).logits.argmax(-1) == labels).float().mean()
+    assert accuracy == 1.0
+
+
+def test_classifier_folders_are_refused_where_both_towers_are_needed(tmp_path, tokenizer, capsys):
+    clip, folder = clip_folder(tmp_path, "vit", tokenizer)
+    out_dir = tmp_path / "classifier"
+    AutoModelForImageClassification.from_pretrained(folder, num_labels=3).save_pretrained(out_dir)
+    HfClipImageProcessor.from_pretrained(folder).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    with pytest.raises(ValueError, match="image classifier.*no text tower.*image-classification"):
+        render_model_card(out_dir)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "data.csv").write_text("image,label\na.png,cat\n")
+    argv = ["eval", "zero-shot", "--model", str(out_dir), "--dataset", str(tmp_path / "data.csv")]
+    argv += ["--classnames", "cat,dog", "--output_dir", str(tmp_path / "out")]
+    assert hf_clip_main(argv) == 2
+    assert "no text tower" in capsys.readouterr().err
+    from test_pretrain import tiny_args
+
+    from hf_clip.training import run_pretraining
+
+    with pytest.raises(ValueError, match="no text tower.*contrastive training"):
+        run_pretraining(tiny_args(tmp_path / "pretrain", model=str(out_dir)))
+    # The contrastive folder itself still loads as the contrastive model.
+    assert isinstance(AutoModel.from_pretrained(folder), HfClipModel)
