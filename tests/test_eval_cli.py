@@ -293,6 +293,48 @@ def test_robustness_end_to_end_with_subset_shift(model_dir, loaded, data, tmp_pa
     assert (tmp_path / "out" / "robustness_colours.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_robustness_scores_a_fine_tuned_classifier_with_its_own_head(model_dir, loaded, data, tmp_path):
+    """A classifier folder is scored with its head, rows matched to the dataset's classes by name: started as
+    the zero-shot classifier (labels in another order), it scores exactly as the zero-shot run."""
+    from hf_clip import HfClipForImageClassification, ZeroShotClassifier
+    from hf_clip.evaluation.loading import LabelInfo
+    from hf_clip.evaluation.zero_shot import HeadClassifier
+
+    model, processor = loaded
+    argv = ["robustness", "--dataset", str(data / "colours"), "--shift-datasets", str(data / "shifted")]
+    zero_shot = run([*argv, "--model", str(model_dir)], tmp_path / "zero_shot")
+    classifier_dir = tmp_path / "classifier"
+    order = ["red", "blue", "green"]  # not the dataset's (alphabetical) order
+    head = ZeroShotClassifier.from_model(model, processor, order, progress=False)
+    HfClipForImageClassification.from_zero_shot(model, head).save_pretrained(classifier_dir)
+    processor.image_processor.save_pretrained(classifier_dir)  # no tokenizer: the head needs none
+    fine_tuned = run([*argv, "--model", str(classifier_dir)], tmp_path / "head")
+    assert fine_tuned["config"]["classifier"] == "head" and zero_shot["config"]["classifier"] == "zero-shot"
+    for name, metrics in zero_shot["per_dataset"].items():
+        assert fine_tuned["per_dataset"][name] == pytest.approx(metrics, abs=1e-9), name
+    assert fine_tuned["per_class"] == pytest.approx(zero_shot["per_class"], abs=1e-9)
+    # The linear probe reads the image tower alone: the same features, the same probe, as from the CLIP folder.
+    probe = ["linear-probe", "--dataset", str(data / "colours"), "--max_iter", "50"]
+    assert run([*probe, "--model", str(classifier_dir)], tmp_path / "p1")["metrics"] == pytest.approx(
+        run([*probe, "--model", str(model_dir)], tmp_path / "p2")["metrics"]
+    )
+
+    # Unnamed heads are taken in index order; a head missing a class is refused with its labels listed.
+    info = LabelInfo(np.arange(3), ["blue", "green", "red"], ["blue", "green", "red"])
+    unnamed = HfClipForImageClassification(model.config.__class__(**model.config.to_dict(), num_labels=3))
+    assert torch.equal(HeadClassifier(unnamed, info).weights, unnamed.classifier.weight)
+    classifier = HfClipForImageClassification.from_pretrained(classifier_dir)
+    classifier.config.id2label = {0: "red", 1: "blue", 2: "purple"}
+    with pytest.raises(
+        ValueError, match=r"no output named for 1 of the dataset's 3 classes \(e.g. 'green'\)"
+    ):
+        HeadClassifier(classifier, info)
+    with pytest.raises(
+        ValueError, match="needs the text tower.*robustness and linear-probe take a classifier"
+    ):
+        run(["zero-shot", "--model", str(classifier_dir), "--dataset", str(data / "colours")], tmp_path / "n")
+
+
 def test_bad_input_errors(model_dir, data, tmp_path):
     def fails(argv, match):
         with pytest.raises((ValueError, FileNotFoundError), match=match):

@@ -202,3 +202,51 @@ def test_classifier_folders_are_refused_where_both_towers_are_needed(tmp_path, t
         run_pretraining(tiny_args(tmp_path / "pretrain", model=str(out_dir)))
     # The contrastive folder itself still loads as the contrastive model.
     assert isinstance(AutoModel.from_pretrained(folder), HfClipModel)
+
+
+def test_wise_ft_interpolates_the_weights(tmp_path, tokenizer):
+    from hf_clip.training import wise_ft
+
+    clip, _ = clip_folder(tmp_path, "resnet", tokenizer)  # BatchNorm statistics are interpolated too
+    zero_shot = HfClipForImageClassification.from_zero_shot(
+        clip, ZeroShotClassifier.from_model(clip, tokenizer, CLASSES, progress=False)
+    )
+    fine_tuned = HfClipForImageClassification.from_zero_shot(
+        clip, ZeroShotClassifier.from_model(clip, tokenizer, CLASSES, progress=False)
+    ).train()
+    optimizer = torch.optim.SGD(fine_tuned.parameters(), lr=0.5)
+    for _ in range(2):
+        fine_tuned(pixels(clip.config, 4), labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    before = {k: v.clone() for k, v in zero_shot.state_dict().items()}
+    start, end = zero_shot.state_dict(), fine_tuned.state_dict()
+    assert not torch.equal(start["vision_model.bn1.running_mean"], end["vision_model.bn1.running_mean"])
+
+    for alpha, expected in ((0, start), (1.0, end)):
+        merged = wise_ft(zero_shot, fine_tuned, alpha).state_dict()
+        assert all(torch.equal(merged[k], expected[k]) for k in expected), alpha
+    half = wise_ft(zero_shot, fine_tuned, 0.5)
+    for key, value in half.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (start[key] + end[key]) / 2, msg=key)
+        else:  # counts: from the model alpha is nearer to (the fine-tuned one at 0.5)
+            assert torch.equal(value, end[key]), key
+    assert all(torch.equal(v, before[k]) for k, v in zero_shot.state_dict().items())  # inputs unchanged
+    assert half.config.id2label == zero_shot.config.id2label and half is not zero_shot
+
+    with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\]"):
+        wise_ft(zero_shot, fine_tuned, 1.5)
+    with pytest.raises(TypeError, match="HfClipForImageClassification with a HfClipModel"):
+        wise_ft(zero_shot, clip, 0.5)
+    relabelled = HfClipForImageClassification.from_zero_shot(
+        clip, ZeroShotClassifier.from_model(clip, tokenizer, CLASSES[::-1], progress=False)
+    )
+    with pytest.raises(ValueError, match="labels .* differ"):
+        wise_ft(zero_shot, relabelled, 0.5)
+    other = AutoModelForImageClassification.from_pretrained(
+        clip_folder(tmp_path, "vit", tokenizer)[1], num_labels=3
+    )
+    other.config.id2label = zero_shot.config.id2label
+    with pytest.raises(ValueError, match="differ in .* weights"):
+        wise_ft(zero_shot, other, 0.5)

@@ -971,6 +971,14 @@ def _visual_projection(config: HfClipVisionConfig) -> nn.Module:
     return HfClipLinear(config.hidden_size, config.projection_dim, bias=False)
 
 
+def _image_features(
+    model: nn.Module, pixel_values: torch.Tensor, interpolate_pos_encoding: bool
+) -> torch.Tensor:
+    """`model.visual_projection` of the pooled image features, a ViT's last block run for the class token alone."""
+    out = model.vision_model(pixel_values, interpolate_pos_encoding, pooled_only=True)
+    return model.visual_projection(out.pooler_output)
+
+
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(p=2, dim=-1, keepdim=True)
 
@@ -1180,8 +1188,7 @@ class HfClipModel(HfClipPreTrainedModel):
         """Projected, unnormalised image embeddings [batch, projection_dim]. A ViT's last block runs for the
         class token alone (`pooled_only`), which changes no embedding."""
         _refuse_unsupported(kwargs)
-        out = self.vision_model(pixel_values, interpolate_pos_encoding, pooled_only=True)
-        return self.visual_projection(out.pooler_output)
+        return _image_features(self, pixel_values, interpolate_pos_encoding)
 
     def forward(
         self,
@@ -1294,6 +1301,14 @@ class HfClipForImageClassification(HfClipPreTrainedModel):
 
     def get_input_embeddings(self) -> nn.Module:
         return self.vision_model.get_input_embeddings()
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs: Any
+    ) -> torch.Tensor:
+        """Projected, unnormalised image embeddings [batch, projection_dim], the classifier's input before its
+        L2 normalisation (as `HfClipModel.get_image_features`, so the evaluations take either model)."""
+        _refuse_unsupported(kwargs)
+        return _image_features(self, pixel_values, interpolate_pos_encoding)
 
     @classmethod
     def from_zero_shot(cls, model: HfClipModel, classifier: Any) -> HfClipForImageClassification:

@@ -12,6 +12,7 @@ import argparse
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from datasets import Dataset
@@ -195,10 +196,12 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse._SubPars
     return tasks
 
 
-def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+def _load_model(args: argparse.Namespace, image_only: bool = False) -> tuple[Any, Any]:
+    """The model and processor of ``--model``. With ``image_only`` (evaluations that read image features
+    alone) a fine-tuned HfClipForImageClassification folder is taken too, with its image processor only."""
     from ..configuration_hf_clip import HfClipConfig
     from ..image_processing_hf_clip import HfClipImageProcessor
-    from ..modeling_hf_clip import HfClipModel
+    from ..modeling_hf_clip import HfClipForImageClassification, HfClipModel
     from ..processing_hf_clip import HfClipProcessor
     from ..tokenization_hf_clip import HfClipTokenizer
 
@@ -212,20 +215,29 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
             f"--model {args.model} has no config.json, so it is not a save_pretrained hf_clip folder; convert "
             "a checkpoint into one with `hf-clip convert SRC OUT_DIR` and pass OUT_DIR."
         )
-    HfClipConfig.from_pretrained(str(model_dir)).check_has_text_tower("hf-clip eval, which loads both towers")
+    config = HfClipConfig.from_pretrained(str(model_dir))
+    classifier = "HfClipForImageClassification" in (config.architectures or [])
+    if not image_only:
+        config.check_has_text_tower(
+            "this evaluation, which needs the text tower (robustness and linear-probe take a classifier)"
+        )
     device = _device(args.device)
     try:
-        model = HfClipModel.from_pretrained(str(model_dir)).to(device).eval()
+        model_cls = HfClipForImageClassification if classifier else HfClipModel
+        model = model_cls.from_pretrained(str(model_dir)).to(device).eval()
         # Built from its parts so loading needs no Auto-class registration of the image processor.
-        processor = HfClipProcessor(
-            image_processor=HfClipImageProcessor.from_pretrained(str(model_dir)),
-            tokenizer=HfClipTokenizer.from_pretrained(str(model_dir)),
-        )
+        image_processor = HfClipImageProcessor.from_pretrained(str(model_dir))
+        if classifier:
+            processor = SimpleNamespace(image_processor=image_processor)
+        else:
+            processor = HfClipProcessor(
+                image_processor=image_processor, tokenizer=HfClipTokenizer.from_pretrained(str(model_dir))
+            )
     except OSError as err:  # missing weights, tokenizer or image-processor files
         raise FileNotFoundError(
             f"--model {args.model} is not a complete hf_clip folder ({str(err).splitlines()[0]}); it needs the "
             "weights, tokenizer and image processor that `hf-clip convert` or save_pretrained of the model "
-            "and its processor write."
+            "and its processor write (a classifier folder: the weights and image processor)."
         ) from err
     args.device = device
     return model, processor
@@ -344,7 +356,7 @@ def _run_linear_probe(args: argparse.Namespace) -> EvalResult:
     for split, ds in (("train", train), ("test", test), ("validation", val)):
         if ds is not None:
             check_dataset(ds, [args.image_column, args.label_column], name=f"{args.dataset} ({split} split)")
-    model, processor = _load_model(args)
+    model, processor = _load_model(args, image_only=True)
     result = evaluate_linear_probe(
         model,
         processor,
@@ -388,7 +400,7 @@ def _run_robustness(args: argparse.Namespace) -> EvalResult:
     _precheck(datasets[labels[0]], args, labels[0], classnames)
     for label in labels[1:]:
         check_dataset(datasets[label], [args.image_column, args.label_column], name=label)
-    model, processor = _load_model(args)
+    model, processor = _load_model(args, image_only=True)
     result = evaluate_robustness(
         model,
         processor,

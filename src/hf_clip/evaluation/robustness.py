@@ -1,4 +1,7 @@
-"""Robustness to natural distribution shift (paper section 3.3): one zero-shot classifier, several datasets.
+"""Robustness to natural distribution shift (paper section 3.3): one classifier, several datasets.
+
+The classifier is the zero-shot one, or, for a fine-tuned HfClipForImageClassification, its own head: the
+paper's comparison of zero-shot and ImageNet-adapted models (and WiSE-FT's interpolations between them).
 
 The classifier is built once from the in-distribution dataset's classes and applied unchanged to every
 shifted dataset sharing that label set (ImageNet -> ImageNetV2, -Sketch, -R, -A, ObjectNet). The table
@@ -20,7 +23,7 @@ from .classification import classification_metrics, model_label, per_class_names
 from .features import FeatureOptions
 from .loading import LabelInfo, align_labels, check_dataset, prepare_image_column, resolve_labels
 from .reporting import EvalResult
-from .zero_shot import build_classifier, classifier_logits, resolve_templates
+from .zero_shot import HeadClassifier, build_classifier, classifier_logits, resolve_templates
 
 
 def _shifted_labels(
@@ -62,7 +65,9 @@ def evaluate_robustness(
     top_k: Sequence[int] = (1, 5),
     model_name: str | None = None,
 ) -> EvalResult:
-    """Zero-shot accuracy on each dataset of ``datasets`` (name -> Dataset) and the gap to ``reference``.
+    """Accuracy on each dataset of ``datasets`` (name -> Dataset) and the gap to ``reference``: zero-shot,
+    or with the head of an HfClipForImageClassification ``model`` (``processor`` then needs only its
+    ``image_processor``; its labels are matched to the reference classes by name).
 
     ``reference`` (default: the first entry) is the in-distribution dataset whose classes define the
     classifier. Gaps are ``metric(shifted) - metric(reference)``: negative means accuracy lost.
@@ -84,7 +89,7 @@ def evaluate_robustness(
             except ValueError as err:
                 raise ValueError(f"Shifted dataset {name!r}: {err}") from err
     template_list = resolve_templates(templates)
-    classifier = build_classifier(model, processor, ref_info.classnames, template_list)
+    classifier = build_classifier(model, processor, ref_info, template_list)
     options = FeatureOptions(batch_size, num_workers, dtype, device, cache_dir)
 
     per_dataset: dict[str, dict[str, float]] = {}
@@ -134,7 +139,9 @@ def evaluate_robustness(
             "num_classes_scored": scored_classes,
             "image_column": image_column,
             "label_column": label_column,
-            "num_templates": len(template_list),
+            # A fine-tuned classifier's own head, or the zero-shot one built from its templates.
+            "classifier": "head" if isinstance(classifier, HeadClassifier) else "zero-shot",
+            "num_templates": 0 if isinstance(classifier, HeadClassifier) else len(template_list),
             "restrict_to_present_classes": restrict_to_present_classes,
             "dtype": dtype or "fp32",
         },

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 
 from .classification import classification_metrics, classification_result, model_label
 from .features import FeatureOptions
-from .loading import check_dataset, prepare_image_column, resolve_labels
+from .loading import LabelInfo, check_dataset, display_name, prepare_image_column, resolve_labels
 from .reporting import EvalResult
 
 
@@ -35,13 +36,63 @@ def resolve_templates(spec: str | Sequence[str] | None) -> list[str]:
     return resolve_template_set(spec)
 
 
-def build_classifier(
-    model: torch.nn.Module, processor: Any, classnames: Sequence[Any], templates: Sequence[str]
-):
-    """The zero-shot classifier head (one ensembled text embedding per class)."""
+class HeadClassifier:
+    """A fine-tuned `HfClipForImageClassification`'s own head, applied to cached image embeddings as its forward
+    applies it (L2-normalised, then linear), its rows put in the dataset's class order. The robustness
+    evaluation then scores fine-tuned (or WiSE-FT interpolated) models on the same features as zero-shot
+    ones: the paper's section 3.3 comparison of adapted and zero-shot classifiers."""
+
+    def __init__(self, model: torch.nn.Module, info: LabelInfo) -> None:
+        labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+        rows = _head_rows(labels, info)
+        self.weights = model.classifier.weight.detach().float()[rows]
+        self.bias = model.classifier.bias.detach().float()[rows]
+
+    def __call__(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        features = F.normalize(image_embeds.float(), dim=-1)
+        return features @ self.weights.t() + self.bias
+
+
+def _head_rows(labels: list[str], info: LabelInfo) -> list[int]:
+    """For each dataset class, the head's output for it: matched by name (the dataset's label names, else its
+    class names; case and surrounding space ignored), or by index when the head has only transformers'
+    placeholder labels (LABEL_0, LABEL_1, ...)."""
+    if all(label == f"LABEL_{i}" for i, label in enumerate(labels)):
+        if len(labels) != info.num_classes:
+            raise ValueError(
+                f"The classifier has {len(labels)} outputs without names (id2label is LABEL_0...) and the "
+                f"dataset has {info.num_classes} classes; set the model's id2label to the class names it was "
+                "trained on."
+            )
+        return list(range(len(labels)))
+    index = {label.strip().lower(): i for i, label in enumerate(labels)}
+    for names in (info.label_names, [display_name(c) for c in info.classnames]):
+        keys = [str(name).strip().lower() for name in names]
+        if all(key in index for key in keys):
+            return [index[key] for key in keys]
+    missing = [display_name(c) for c in info.classnames if display_name(c).strip().lower() not in index]
+    raise ValueError(
+        f"The classifier has no output named for {len(missing)} of the dataset's {info.num_classes} classes "
+        f"(e.g. {', '.join(map(repr, missing[:3]))}); its labels are {', '.join(map(repr, labels[:5]))}"
+        f"{', ...' if len(labels) > 5 else ''}. Set its id2label to these class names, or pass --classnames "
+        "in the classifier's order."
+    )
+
+
+def is_image_classifier(model: torch.nn.Module) -> bool:
+    """A model with a trained head (HfClipForImageClassification) rather than a text tower."""
+    return isinstance(getattr(model, "classifier", None), torch.nn.Linear) and not hasattr(
+        model, "text_model"
+    )
+
+
+def build_classifier(model: torch.nn.Module, processor: Any, info: LabelInfo, templates: Sequence[str]):
+    """The zero-shot classifier head (one ensembled text embedding per class), or a classifier model's own."""
+    if is_image_classifier(model):
+        return HeadClassifier(model, info)
     from ..zero_shot.classifier import ZeroShotClassifier
 
-    return ZeroShotClassifier.from_model(model, processor, list(classnames), list(templates))
+    return ZeroShotClassifier.from_model(model, processor, list(info.classnames), list(templates))
 
 
 @torch.inference_mode()
@@ -84,7 +135,7 @@ def evaluate_zero_shot(
     info = resolve_labels(dataset, label_column, classnames)
     template_list = resolve_templates(templates)
     if classifier is None:
-        classifier = build_classifier(model, processor, info.classnames, template_list)
+        classifier = build_classifier(model, processor, info, template_list)
     options = FeatureOptions(batch_size, num_workers, dtype, device, cache_dir)
     features = options.image_features(model, processor.image_processor, dataset, image_column)
     logits = classifier_logits(classifier, features)

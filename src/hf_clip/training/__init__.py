@@ -9,6 +9,7 @@ from .optim import (
     weight_decay_split,
 )
 from .pretraining import PretrainArguments, run_pretraining
+from .wise_ft import wise_ft
 
 __all__ = [
     "ClipLoss",
@@ -23,4 +24,5 @@ __all__ = [
     "param_groups",
     "run_pretraining",
     "weight_decay_split",
+    "wise_ft",
 ]
