@@ -250,3 +250,41 @@ def test_wise_ft_interpolates_the_weights(tmp_path, tokenizer):
     other.config.id2label = zero_shot.config.id2label
     with pytest.raises(ValueError, match="differ in .* weights"):
         wise_ft(zero_shot, other, 0.5)
+
+
+def test_fine_tune_example_writes_the_wise_ft_curve(tmp_path, tokenizer):
+    """examples/fine_tune.py on a tiny model: alpha = 0 scores exactly as the zero-shot classifier does."""
+    import importlib.util
+
+    from hf_clip.data import load_synthetic_clip_dataset, synthetic_zero_shot_templates
+    from hf_clip.evaluation import evaluate_robustness
+
+    clip, folder = clip_folder(tmp_path, "vit", tokenizer)
+    spec = importlib.util.spec_from_file_location(
+        "fine_tune", Path(__file__).parents[1] / "examples/fine_tune.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "out"
+    argv = ["--model", str(folder), "--output_dir", str(out), "--max_steps", "3", "--batch_size", "8"]
+    results = example.main([*argv, "--train_samples", "32", "--eval_samples", "24", "--alphas", "0,1"])
+
+    processor = HfClipProcessor.from_pretrained(folder)
+    data = {
+        name: load_synthetic_clip_dataset(split, 24, image_size=32)
+        for name, split in ((example.SEEN, "validation"), (example.HELD_OUT, "test"))
+    }
+    classes = data[example.SEEN].features["shape"].names
+    zero_shot = evaluate_robustness(
+        clip,
+        processor,
+        data,
+        label_column="shape",
+        classnames=classes,
+        templates=synthetic_zero_shot_templates("shape"),
+    )
+    assert results["0"] == pytest.approx({k: v["top1_accuracy"] for k, v in zero_shot.per_dataset.items()})
+    record = json.loads((out / "wise_ft.json").read_text())
+    assert record["top1"] == results and set(results) == {"0", "1"}
+    assert (out / "wise_ft.md").read_text().count("\n") == 4
+    assert (out / "wise_ft.png").read_bytes()[:4] == b"\x89PNG"
