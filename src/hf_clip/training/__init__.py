@@ -1,5 +1,6 @@
 from .accumulation import average_gradients, contrastive_accumulation_step
 from .distributed import gather_with_grad
+from .locking import TowerLock, count_parameters, lock_image_tower, lock_text_tower
 from .loss import ClipLoss, SigLipLoss
 from .optim import (
     clamp_logit_scale,
@@ -15,12 +16,16 @@ __all__ = [
     "ClipLoss",
     "PretrainArguments",
     "SigLipLoss",
+    "TowerLock",
     "average_gradients",
     "clamp_logit_scale",
     "contrastive_accumulation_step",
+    "count_parameters",
     "cosine_schedule_with_warmup",
     "create_optimizer",
     "gather_with_grad",
+    "lock_image_tower",
+    "lock_text_tower",
     "param_groups",
     "run_pretraining",
     "weight_decay_split",
