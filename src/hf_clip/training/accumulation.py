@@ -46,6 +46,8 @@ def contrastive_accumulation_step(
     backward: Callable[[torch.Tensor], Any] | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     model: nn.Module | None = None,
+    image_frozen: bool = False,
+    text_frozen: bool = False,
 ) -> torch.Tensor:
     """Accumulate gradients over `micro_batches` as if they formed one contrastive batch.
 
@@ -68,6 +70,10 @@ def contrastive_accumulation_step(
             call `average_gradients(model)` after this function instead.
         model: the module the encoders run; its BatchNorm running statistics are put back after the
             feature pass, so that each micro-batch updates them once (in the recompute), not twice.
+        image_frozen: the image encoder has no trainable parameter (a locked tower, LiT): its features from
+            the first pass are final, so it runs once per micro-batch instead of twice, and its BatchNorm
+            statistics keep that pass's update.
+        text_frozen: the same for the text encoder.
 
     Returns the (detached) loss over the accumulated batch. Gradients are accumulated into `.grad`;
     zero them before and step the optimizer after, as usual.
@@ -76,43 +82,63 @@ def contrastive_accumulation_step(
         raise ValueError("micro_batches is empty; pass at least one (image_inputs, text_inputs) pair.")
     backward = backward or torch.Tensor.backward
 
-    # 1. Features for the whole accumulated batch, without activations.
-    rng_states, image_cache, text_cache = [], [], []
+    # 1. Features for the whole accumulated batch, without activations. A frozen encoder runs here only.
+    count = len(micro_batches)
+    image_cache: list[Any] = [None] * count
+    text_cache: list[Any] = [None] * count
+    with torch.no_grad():
+        for index, (image_inputs, text_inputs) in enumerate(micro_batches):
+            if image_frozen:
+                image_cache[index] = encode_image(image_inputs)
+            if text_frozen:
+                text_cache[index] = encode_text(text_inputs)
+    rng_states = []
     norm_stats = _BatchNormStats(model)
     with torch.no_grad():
-        for image_inputs, text_inputs in micro_batches:
+        for index, (image_inputs, text_inputs) in enumerate(micro_batches):
             rng_states.append(_RngState())
-            image_cache.append(encode_image(image_inputs))
-            text_cache.append(encode_text(text_inputs))
+            if not image_frozen:
+                image_cache[index] = encode_image(image_inputs)
+            if not text_frozen:
+                text_cache[index] = encode_text(text_inputs)
     final_rng = _RngState()
     norm_stats.restore()
 
     # 2. Loss over the accumulated batch; gradients w.r.t. the cached features and the loss scalars.
-    image_features = torch.cat(image_cache).requires_grad_()
-    text_features = torch.cat(text_cache).requires_grad_()
+    image_features = torch.cat(image_cache)
+    text_features = torch.cat(text_cache)
+    features = [
+        f for f, frozen in ((image_features, image_frozen), (text_features, text_frozen)) if not frozen
+    ]
+    for f in features:
+        f.requires_grad_()
     live_scalars = [s for s in (logit_scale, logit_bias) if isinstance(s, torch.Tensor) and s.requires_grad]
+    if not features and not live_scalars:
+        raise ValueError("Both encoders are frozen and the loss has no trainable scalar: nothing to train.")
     detached = {id(s): s.detach().requires_grad_() for s in live_scalars}
     loss_args = [detached.get(id(s), s) for s in (logit_scale, logit_bias) if s is not None]
     with torch.enable_grad():
         loss = loss_fn(image_features, text_features, *loss_args)
-        grads = torch.autograd.grad(loss, [image_features, text_features, *detached.values()])
-    image_grads = grads[0].split([f.shape[0] for f in image_cache])
-    text_grads = grads[1].split([f.shape[0] for f in text_cache])
-    scalar_grads = grads[2:]
-    del image_cache, text_cache, image_features, text_features
+        grads = list(torch.autograd.grad(loss, [*features, *detached.values()]))
+    image_grads = None if image_frozen else grads.pop(0).split([f.shape[0] for f in image_cache])
+    text_grads = None if text_frozen else grads.pop(0).split([f.shape[0] for f in text_cache])
+    scalar_grads = grads
+    del image_cache, text_cache, image_features, text_features, features
 
     # 3. Re-encode each micro-batch with a graph and push the cached gradients through it.
-    last = len(micro_batches) - 1
-    for index, (image_inputs, text_inputs) in enumerate(micro_batches):
+    last = 0 if image_frozen and text_frozen else count - 1  # the one backward that DDP syncs
+    for index, (image_inputs, text_inputs) in enumerate(micro_batches[: last + 1]):
         rng_states[index].restore()
         sync_context = no_sync() if no_sync is not None and index < last else contextlib.nullcontext()
         with sync_context:
-            surrogate = _dot(encode_image(image_inputs), image_grads[index])
-            surrogate = surrogate + _dot(encode_text(text_inputs), text_grads[index])
+            parts = []
+            if image_grads is not None:
+                parts.append(_dot(encode_image(image_inputs), image_grads[index]))
+            if text_grads is not None:
+                parts.append(_dot(encode_text(text_inputs), text_grads[index]))
             if index == 0:  # the temperature's graph is shared, so back-propagate through it only once
-                for scalar, grad in zip(live_scalars, scalar_grads):
-                    surrogate = surrogate + _dot(scalar, grad)
-            backward(surrogate)
+                parts += [_dot(scalar, grad) for scalar, grad in zip(live_scalars, scalar_grads)]
+            backward(sum(parts[1:], parts[0]))
     final_rng.restore()
     return loss.detach()
 
