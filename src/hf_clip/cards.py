@@ -390,7 +390,30 @@ def _training_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     if record.get("patch_dropout"):
         rows.append(("Patch dropout", f"{record['patch_dropout']:g} of the patch tokens (FLIP)"))
+    locked = record.get("locked_towers") or {}
+    for tower, lock in locked.items():
+        rows.append((f"Locked {tower} tower (LiT)", _lock_description(tower, lock)))
+    if locked and record.get("trainable_parameters") is not None:
+        rows.append(
+            ("Trainable parameters", f"{record['trainable_parameters']:,} of {record['parameters']:,}")
+        )
     return rows
+
+
+def _lock_description(tower: str, lock: dict[str, Any]) -> str:
+    groups, unlocked = lock["groups"], lock["unlocked_groups"]
+    if unlocked:
+        text = (
+            f"its first {groups - unlocked} of {groups} parameter groups kept at their initial weights, "
+            f"the last {unlocked} trained"
+        )
+    else:
+        text = f"kept at its initial weights (all {groups} parameter groups)"
+    if tower == "image" and lock.get("freeze_bn_stats"):
+        text += "; BatchNorm statistics frozen"
+    if tower == "text" and lock.get("freeze_layer_norm") is False:
+        text += "; its LayerNorm gains and biases trained"
+    return text
 
 
 def _table(rows: Sequence[tuple[str, str]], header: tuple[str, str] = ("", "")) -> str:

@@ -36,6 +36,7 @@ from .data import (
     prepare_example,
     without_image_decoding,
 )
+from .locking import TowerLock, count_parameters, lock_image_tower, lock_text_tower, locked_tensors
 from .loss import ClipLoss, SigLipLoss
 from .optim import clamp_logit_scale, cosine_schedule_with_warmup, create_optimizer
 
@@ -171,6 +172,46 @@ class PretrainArguments:
         default=600,
         metadata={"help": "Size of the built-in held-out set, or rows evaluated of --eval_split."},
     )
+    lock_image: bool = field(
+        default=False,
+        metadata={
+            "help": "LiT: keep the pretrained image tower of --model (a model directory) fixed; fully locked, "
+            "it runs without autograd. open_clip's --lock-image."
+        },
+    )
+    lock_image_unlocked_groups: int = field(
+        default=0,
+        metadata={
+            "help": "--lock_image: leave the image tower's last N parameter groups trainable (open_clip's "
+            "groups: ViT [embeddings + pre-LN], each block, [last block + post-LN], projection; ResNet stem, "
+            "each stage, attention pool)."
+        },
+    )
+    lock_image_freeze_bn_stats: bool = field(
+        default=False,
+        metadata={
+            "help": "--lock_image, ResNet: keep the locked part's BatchNorm layers in eval mode (pretrained "
+            "statistics, never updated)."
+        },
+    )
+    lock_text: bool = field(
+        default=False,
+        metadata={"help": "Keep the pretrained text tower of --model fixed. open_clip's --lock-text."},
+    )
+    lock_text_unlocked_layers: int = field(
+        default=0,
+        metadata={
+            "help": "--lock_text: leave the text tower's last N parameter groups trainable ([embeddings], each "
+            "block, [last block + final LN], projection)."
+        },
+    )
+    lock_text_freeze_layer_norm: bool = field(
+        default=False,
+        metadata={
+            "help": "--lock_text: lock the LayerNorm gains and biases of the locked part too (without it they "
+            "train, as in open_clip); needed for a text tower that runs without autograd."
+        },
+    )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -239,6 +280,82 @@ def _pretrained_overrides(args: PretrainArguments, model: HfClipModel) -> None:
             "This checkpoint was trained with the sigmoid loss (it has a logit bias), which --loss clip cannot "
             "train; pass --loss siglip."
         )
+
+
+def _check_lock_options(args: PretrainArguments) -> None:
+    """Lock options that cannot make sense are refused before any data is read (the group counts are checked
+    against the model once it is loaded)."""
+    for option in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+        if getattr(args, option) < 0:
+            raise ValueError(f"--{option} must be >= 0 (groups left trainable), got {getattr(args, option)}.")
+    for lock, options in (
+        ("lock_image", ("lock_image_unlocked_groups", "lock_image_freeze_bn_stats")),
+        ("lock_text", ("lock_text_unlocked_layers", "lock_text_freeze_layer_norm")),
+    ):
+        given = [option for option in options if getattr(args, option)]
+        if given and not getattr(args, lock):
+            raise ValueError(f"--{given[0]} only applies to a locked tower: add --{lock}, or leave it out.")
+    if not (args.lock_image or args.lock_text):
+        return
+    if not Path(args.model).is_dir():
+        raise ValueError(
+            f"--lock_image / --lock_text keep a tower at the weights it starts from, and --model {args.model!r} "
+            "builds a new, randomly initialised model: the locked tower would stay random, and the other tower "
+            "would learn to match random features (not LiT). Pass a pretrained model directory as --model (a "
+            "run's --output_dir, or a checkpoint converted with `hf-clip convert`)."
+        )
+    image_fully = args.lock_image and args.lock_image_unlocked_groups == 0
+    text_fully = args.lock_text and args.lock_text_unlocked_layers == 0 and args.lock_text_freeze_layer_norm
+    if image_fully and text_fully:
+        raise ValueError(
+            "--lock_image and --lock_text (with --lock_text_freeze_layer_norm) lock both towers entirely: only "
+            "the temperature would train. Leave one tower trainable, or some of its last groups "
+            "(--lock_image_unlocked_groups N, --lock_text_unlocked_layers N)."
+        )
+    if image_fully and args.patch_dropout:
+        raise ValueError(
+            "--patch_dropout with a fully locked image tower: LiT keeps the pretrained image features as they "
+            "are, and dropped patches would change them at every step into features the tower never gives at "
+            "inference (where it sees every patch), for the text tower to learn. (The locked tower has no "
+            "backward to save.) Leave --patch_dropout out, or unlock its last groups "
+            "(--lock_image_unlocked_groups N) to fine-tune them with it."
+        )
+
+
+def _apply_locks(args: PretrainArguments, model: HfClipModel, accelerator: Any) -> list[TowerLock]:
+    """Lock the towers the options name (before the optimizer is built: it gets the trainable parameters
+    only) and say what trains."""
+    locks = []
+    if args.lock_image:
+        locks.append(
+            lock_image_tower(model, args.lock_image_unlocked_groups, args.lock_image_freeze_bn_stats)
+        )
+        vision = model.config.vision_config
+        if locks[-1].fully_locked and getattr(vision, "patch_dropout", 0.0):
+            accelerator.print(
+                f"Note: the checkpoint's patch_dropout {vision.patch_dropout} is not applied to the locked "
+                "image tower (see --patch_dropout)."
+            )
+            vision.patch_dropout = 0.0
+    if args.lock_text:
+        locks.append(lock_text_tower(model, args.lock_text_unlocked_layers, args.lock_text_freeze_layer_norm))
+        if not args.lock_text_freeze_layer_norm:
+            accelerator.print(
+                "Note: without --lock_text_freeze_layer_norm the locked text layers' LayerNorm gains and biases "
+                "train (as in open_clip), so the text tower still runs with autograd."
+            )
+    if locks and args.gradient_checkpointing:
+        # transformers' gradient checkpointing makes every tower's input embeddings output require grad (for
+        # reentrant checkpointing, which this script does not use): a partly locked tower then built a graph
+        # through its locked layers, and back-propagated through them, for nothing.
+        model.disable_input_require_grads()
+    trainable, total = count_parameters(model)
+    accelerator.print(
+        f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)"
+        + "".join(f"; {lock.describe()}" for lock in locks)
+        + "."
+    )
+    return locks
 
 
 def _build_config(
@@ -338,7 +455,13 @@ def _with_fp32_master_weights(
 
 
 def _training_record(
-    args: PretrainArguments, steps: int, processes: int, precision: str, pretrained_dir: Path | None
+    args: PretrainArguments,
+    steps: int,
+    processes: int,
+    precision: str,
+    pretrained_dir: Path | None,
+    locks: list[TowerLock] | None = None,
+    parameter_counts: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """How this run trained the model, saved in its config.json (see hf_clip.cards.training_record). Local
     paths are kept to their last component: a published config should not reveal the trainer's folders."""
@@ -363,7 +486,19 @@ def _training_record(
         "mixed_precision": precision,
         "seed": args.seed,
         "patch_dropout": args.patch_dropout,
+        # LiT: which towers stayed (partly) at their initial weights; the card says so.
+        "locked_towers": {lock.tower: _lock_record(lock) for lock in locks or ()},
+        **dict(zip(("trainable_parameters", "parameters"), parameter_counts or ())),
     }
+
+
+def _lock_record(lock: TowerLock) -> dict[str, Any]:
+    record = {"groups": lock.groups, "unlocked_groups": lock.unlocked_groups}
+    if lock.tower == "image":
+        record["freeze_bn_stats"] = lock.freeze_bn_stats
+    else:
+        record["freeze_layer_norm"] = lock.freeze_layer_norm
+    return record
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
@@ -389,6 +524,13 @@ RESUME_KEYS = (
     "weight_decay",
     "warmup_steps",
     "loss",
+    # Another lock trains other parameters, and the optimizer state saved holds only the trainable ones.
+    "lock_image",
+    "lock_image_unlocked_groups",
+    "lock_image_freeze_bn_stats",
+    "lock_text",
+    "lock_text_unlocked_layers",
+    "lock_text_freeze_layer_norm",
 )
 # A run may be extended (or shortened): its cosine schedule is then recomputed over the new length.
 RESUME_LENGTH_KEYS = ("max_steps", "num_train_epochs")
@@ -491,6 +633,7 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
 
     if args.loss not in ("clip", "siglip"):
         raise ValueError(f"--loss must be 'clip' or 'siglip', got {args.loss!r}.")
+    _check_lock_options(args)
     output_dir = Path(args.output_dir)
     handlers = []
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -549,6 +692,8 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     processor = HfClipProcessor(image_processor=image_processor, tokenizer=tokenizer)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    locks = _apply_locks(args, model, accelerator)
+    parameter_counts = count_parameters(model)  # before DeepSpeed partitions them
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()) and (
         accelerator.num_processes > 1 or args.gradient_accumulation_steps > 1
     ):
@@ -594,6 +739,11 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         for name in scalars_names:  # DeepSpeed cannot broadcast 0-d tensors; saved back as scalars below
             setattr(model, name, torch.nn.Parameter(getattr(model, name).data.reshape(1)))
+    locked_fp32: dict[str, torch.Tensor] = {}
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and locks and accelerator.is_main_process:
+        # DeepSpeed casts the whole model to bf16/fp16 and keeps fp32 master copies of trainable parameters
+        # only: the locked weights (and frozen BatchNorm statistics) are saved from these copies, unrounded.
+        locked_fp32 = {name: t.float().cpu().clone() for name, t in locked_tensors(model).items()}
     tower = config.vision_config.vision_type
     optimizer = create_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay, tower=tower)
     scheduler = cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, max_steps), max_steps)
@@ -630,6 +780,9 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         )
     loss_fn = SigLipLoss() if args.loss == "siglip" else ClipLoss()
     collate = CaptionCollator(tokenizer, context)
+    # A fully locked tower runs once per micro-batch under GradCache (its features are final), not twice.
+    image_frozen = any(lock.tower == "image" and lock.fully_locked for lock in locks)
+    text_frozen = any(lock.tower == "text" and lock.fully_locked for lock in locks)
 
     step, epoch, start_batch, skipped_before = 0, 0, 0, 0
     num_loader_workers = max(1, args.num_workers)
@@ -679,7 +832,11 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
 
     if accelerator.log_with:
         accelerator.init_trackers(
-            "hf_clip_pretrain", config={k: v for k, v in asdict(args).items() if v is not None}
+            "hf_clip_pretrain",
+            config={
+                **{k: v for k, v in asdict(args).items() if v is not None},
+                "trainable_parameters": parameter_counts[0],
+            },
         )
 
     def loader(epoch: int, start_batch: int) -> torch.utils.data.DataLoader:
@@ -739,6 +896,8 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
             logit_bias=raw_model.logit_bias if args.loss == "siglip" else None,
             backward=accelerator.backward,
             model=raw_model,
+            image_frozen=image_frozen,
+            text_frozen=text_frozen,
         )
         average_gradients(raw_model)  # the encoders bypassed DDP's hooks
         return loss, scale.detach()
@@ -854,6 +1013,8 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     state_dict = accelerator.get_state_dict(model)
     if is_deepspeed:
         state_dict = _with_fp32_master_weights(raw_model, state_dict)
+        if state_dict is not None:
+            state_dict.update(locked_fp32)
     if state_dict is not None:
         state_dict = {
             k.removeprefix("_orig_mod."): v for k, v in state_dict.items()
@@ -865,7 +1026,9 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
         setattr(
             raw_model.config,
             TRAINING_RECORD,
-            _training_record(args, step, world, accelerator.mixed_precision, pretrained_dir),
+            _training_record(
+                args, step, world, accelerator.mixed_precision, pretrained_dir, locks, parameter_counts
+            ),
         )
         # Written beside the run's other files, then moved in file by file: a crash never leaves a
         # half-written model.safetensors (a previous model's files stay whole until replaced).
