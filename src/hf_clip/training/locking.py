@@ -44,15 +44,18 @@ class TowerLock:
     groups: int  # parameter groups of the tower
     unlocked_groups: int  # trainable groups, counted from the end
     fully_locked: bool  # no parameter of the tower or its projection trains: it runs without autograd
-    freeze_bn_stats: bool = False  # image: the locked part's BatchNorm layers stay in eval mode
-    freeze_layer_norm: bool = (
-        True  # text: False leaves the locked part's LayerNorm gains and biases trainable
-    )
+    # Image towers: the locked part's BatchNorm layers stay in eval mode.
+    freeze_bn_stats: bool = False
+    # Text towers: False leaves the locked part's LayerNorm gains and biases trainable.
+    freeze_layer_norm: bool = True
 
     def describe(self) -> str:
         """One line, e.g. 'image tower locked (all 14 parameter groups)'."""
         if self.unlocked_groups:
-            what = f"the first {self.groups - self.unlocked_groups} of {self.groups} parameter groups; the last {self.unlocked_groups} train"
+            locked = self.groups - self.unlocked_groups
+            what = (
+                f"the first {locked} of {self.groups} parameter groups; the last {self.unlocked_groups} train"
+            )
         else:
             what = f"all {self.groups} parameter groups"
         extras = []
@@ -146,7 +149,12 @@ def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats
     statistics and keep updating the running ones, as open_clip does without `--lock-image-freeze-bn-stats`.
     """
     groups = image_tower_groups(model)
-    _check_count(unlocked_groups, len(groups), "--lock_image_unlocked_groups", "image")
+    _check_count(unlocked_groups, len(groups), "unlocked_groups (--lock_image_unlocked_groups)", "image")
+    for module in _tower_modules(model, "image"):  # a lock replaces an earlier one
+        for norm in module.modules():
+            if type(norm) is _EvalModeBatchNorm2d:
+                norm.__class__ = nn.BatchNorm2d
+                norm.train(module.training)
     locked = _lock(groups, unlocked_groups)
     if freeze_bn_stats:
         norms = [
@@ -155,7 +163,7 @@ def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats
         norms = [m for m in norms if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not norms:
             raise ValueError(
-                "--lock_image_freeze_bn_stats: this image tower has no BatchNorm layer in its locked part "
+                "freeze_bn_stats (--lock_image_freeze_bn_stats): this image tower has no BatchNorm layer in its locked part "
                 "(a ViT has none); leave the option out."
             )
         for norm in norms:
@@ -163,15 +171,16 @@ def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats
     return _finish(model, "image", len(groups), unlocked_groups, freeze_bn_stats=freeze_bn_stats)
 
 
-def lock_text_tower(model: nn.Module, unlocked_layers: int = 0, freeze_layer_norm: bool = False) -> TowerLock:
+def lock_text_tower(model: nn.Module, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> TowerLock:
     """Lock `model`'s text tower and projection but their last `unlocked_layers` parameter groups.
 
-    As in open_clip (`--lock-text-freeze-layer-norm`), the LayerNorm gains and biases of the locked part
-    stay trainable unless `freeze_layer_norm`; the tower then still needs a backward pass through all of
+    `freeze_layer_norm=False` leaves the LayerNorm gains and biases of the locked part trainable, as open_clip
+    does for its Hugging Face text towers without `--lock-text-freeze-layer-norm` (the default here is
+    open_clip's `lock_text_tower` default, True). The tower then still needs a backward pass through all of
     it, so only `freeze_layer_norm=True` with no unlocked groups runs it without autograd.
     """
     groups = text_tower_groups(model)
-    _check_count(unlocked_layers, len(groups), "--lock_text_unlocked_layers", "text")
+    _check_count(unlocked_layers, len(groups), "unlocked_layers (--lock_text_unlocked_layers)", "text")
     locked = _lock(groups, unlocked_layers)
     if not freeze_layer_norm:
         for group in locked:
