@@ -4,6 +4,7 @@
     accelerate launch --num_processes 8 --mixed_precision bf16 examples/pretrain.py \
         --dataset my_org/captions --model ViT-B/32 --per_device_train_batch_size 256 --max_steps 100000
     accelerate launch --config_file examples/configs/deepspeed_zero2.yaml examples/pretrain.py ...
+    accelerate launch examples/pretrain.py --model out/b32 --lock_image --dataset my_org/captions ...  # LiT
 
 Every option: `python examples/pretrain.py --help`. The machinery lives in `hf_clip.training`.
 """
