@@ -466,8 +466,16 @@ def test_deepspeed_zero_two_processes(tmp_path, stage):
     from transformers import AutoModel
 
     # As shipped (bf16): ZeRO-2 with the default ResNet model, whose BatchNorm buffers DeepSpeed leaves in
-    # fp32 beside bf16 weights; ZeRO-3 with the tiny ViT.
-    extra = ["--model=tiny"] if stage == 2 else []
+    # fp32 beside bf16 weights; ZeRO-3 fine-tuning a saved tiny ViT (from_pretrained used to fail there,
+    # inside DeepSpeed's zero.Init, on the 0-d temperature).
+    extra = ["--model=tiny"]
+    if stage == 3:
+        from hf_clip import HfClipConfig, HfClipModel, HfClipTokenizer
+
+        start = HfClipModel(HfClipConfig(**TINY_MODEL))
+        start.save_pretrained(tmp_path / "start")
+        HfClipTokenizer.from_openai_bpe().save_pretrained(tmp_path / "start")
+        extra = [f"--model={tmp_path / 'start'}"]
     run = _launch(
         tmp_path,
         [*extra, "--checkpointing_steps=3"],
@@ -485,6 +493,12 @@ def test_deepspeed_zero_two_processes(tmp_path, stage):
     for name, value in master.items():
         assert torch.equal(saved[name].reshape(value.shape), value.float()), name
     assert AutoModel.from_pretrained(tmp_path / "run").dtype == torch.float32  # config.json says so too
+    if stage == 3:  # it trained from the saved weights
+        initial = load_file(tmp_path / "start" / "model.safetensors")
+        assert set(initial) == set(saved) and not torch.equal(
+            initial["text_projection.weight"], saved["text_projection.weight"]
+        )
+        assert torch.allclose(initial["text_projection.weight"], saved["text_projection.weight"], atol=0.05)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -8,6 +8,7 @@ temporary folder and renamed into place, so a run killed mid-save leaves the pre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -280,6 +281,25 @@ def _pretrained_overrides(args: PretrainArguments, model: HfClipModel) -> None:
             "This checkpoint was trained with the sigmoid loss (it has a logit bias), which --loss clip cannot "
             "train; pass --loss siglip."
         )
+
+
+@contextlib.contextmanager
+def _without_zero3_init(accelerator: Any) -> Iterator[None]:
+    """Load a checkpoint whole, as a fresh model is built. Under ZeRO-3 transformers' from_pretrained builds
+    the model inside DeepSpeed's zero.Init, which fails on the 0-d temperature (DeepSpeed cannot broadcast
+    0-d tensors); `prepare` partitions the model afterwards either way. (accelerate's
+    zero3_init_context_manager(enable=False) leaves transformers' ZeRO-3 flag set.)"""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def _check_lock_options(args: PretrainArguments) -> None:
@@ -679,7 +699,8 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
 
     if pretrained_dir:
         HfClipConfig.from_pretrained(pretrained_dir).check_has_text_tower("contrastive training")
-        model = HfClipModel.from_pretrained(pretrained_dir)
+        with _without_zero3_init(accelerator):
+            model = HfClipModel.from_pretrained(pretrained_dir)
         _pretrained_overrides(args, model)
     else:
         config = _build_config(args, len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
