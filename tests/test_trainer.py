@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from datasets.fingerprint import Hasher
 from transformers import (
     AutoImageProcessor,
     AutoModel,
@@ -341,3 +342,20 @@ def test_run_clip_recipe_with_a_frozen_tower(tmp_path, tokenizer, vision_type, f
     trainer.train()
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]) == name.startswith(frozen + "."), name
+
+
+def test_tokenizer_fingerprint_is_unchanged_by_calls(tmp_path, tokenizer):
+    """`datasets` names a `.map` by hashing the function with the tokenizer it uses: run_clip.py tokenizes with
+    `load_from_cache_file=True`, and the same map must find its cache again after the tokenizer has been used."""
+    tokenizer.save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)  # never called yet
+    dataset = Dataset.from_dict({"caption": ["a red cat", "a blue dog"]})
+
+    def tokenize(examples: dict) -> dict:
+        return dict(tokenizer(examples["caption"], max_length=77, padding="max_length", truncation=True))
+
+    fresh = Hasher.hash(tokenizer)
+    first = dataset.map(tokenize, batched=True)._fingerprint
+    tokenizer(["a photo"], max_length=77, padding="max_length", truncation=True, return_tensors="pt")
+    assert Hasher.hash(tokenizer) == fresh
+    assert dataset.map(tokenize, batched=True)._fingerprint == first

@@ -301,6 +301,10 @@ class HfClipTokenizer(TokenizersBackend):
             model_max_length=model_max_length,
             **kwargs,
         )
+        # Set here rather than on first use: `datasets` fingerprints a tokenizer by its attributes (emptying
+        # `cache`), so attributes that a first call added gave the same `.map` a new fingerprint (a cache miss).
+        self.cache: dict[str, list[int]] = {}
+        self._added_token_split = self._compile_added_token_split()
 
     def _compile_word_patterns(self, bos_token: str, eos_token: str) -> None:
         # OpenAI tries its special tokens first, so a literal "<end_of_text>" in a caption becomes the token.
@@ -346,8 +350,10 @@ class HfClipTokenizer(TokenizersBackend):
             and self._tokenizer.model.token_to_id(str(pad_token)) is not None
         ):
             new_tokens = [token for token in new_tokens if str(token) != str(pad_token)]
-        self.__dict__.pop("_added_token_split", None)  # rebuilt from the new set by `words`
-        return super()._add_tokens(new_tokens, special_tokens=special_tokens)
+        count = super()._add_tokens(new_tokens, special_tokens=special_tokens)
+        if "_added_token_split" in self.__dict__:  # built by __init__, which adds the special tokens first
+            self._added_token_split = self._compile_added_token_split()
+        return count
 
     # ---- text preparation -------------------------------------------------------------------------------
 
