@@ -20,6 +20,7 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
@@ -359,3 +360,36 @@ def test_tokenizer_fingerprint_is_unchanged_by_calls(tmp_path, tokenizer):
     tokenizer(["a photo"], max_length=77, padding="max_length", truncation=True, return_tensors="pt")
     assert Hasher.hash(tokenizer) == fresh
     assert dataset.map(tokenize, batched=True)._fingerprint == first
+
+
+def test_clip_recipe_in_the_trainer_clamps_the_temperature(tmp_path, tokenizer):
+    """hf_clip's decay groups as the Trainer's optimizer, and the temperature clamped after every step: a model
+    whose temperature starts above the cap (200) trains at 100 from the second step."""
+    import math
+
+    from hf_clip.training import ClampLogitScaleCallback, create_optimizer, weight_decay_split
+
+    model = tiny_model("vit")
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(200.0))
+    data = PairDataset(tokenizer, 16, model.config.vision_config.image_size)
+    optimizer = create_optimizer(model, lr=1e-3, weight_decay=0.2, tower="vit")
+    seen = []
+
+    class Record(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen.append(float(model.logit_scale.exp()))
+
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=3),
+        train_dataset=data,
+        data_collator=collate_fn,
+        optimizers=(optimizer, None),
+        callbacks=[Record(), ClampLogitScaleCallback()],
+    )
+    trainer.train()
+    assert seen[0] == pytest.approx(200.0) and all(s <= 100.0 + 1e-4 for s in seen[1:]), seen
+    assert float(model.logit_scale.exp()) <= 100.0 + 1e-4
+    no_decay = set(weight_decay_split(model)[1])
+    assert "logit_scale" in no_decay and trainer.optimizer.param_groups[1]["weight_decay"] == 0.0

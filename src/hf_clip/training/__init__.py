@@ -3,6 +3,7 @@ from .distributed import gather_with_grad
 from .locking import TowerLock, count_parameters, lock_image_tower, lock_text_tower
 from .loss import ClipLoss, SigLipLoss
 from .optim import (
+    ClampLogitScaleCallback,
     clamp_logit_scale,
     cosine_schedule_with_warmup,
     create_optimizer,
@@ -13,6 +14,7 @@ from .pretraining import PretrainArguments, run_pretraining
 from .wise_ft import wise_ft
 
 __all__ = [
+    "ClampLogitScaleCallback",
     "ClipLoss",
     "PretrainArguments",
     "SigLipLoss",

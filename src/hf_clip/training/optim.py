@@ -9,11 +9,12 @@ weights (including the ViT patch embedding, which is a convolution) and projecti
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from transformers import TrainerCallback
 
 # Parameter-name fragments that are never decayed, whatever their shape.
 NO_DECAY_NAME_PATTERNS = ("bias", "embedding", "logit_scale", "logit_bias")
@@ -123,3 +124,17 @@ def clamp_logit_scale(model: nn.Module, max_scale: float = 100.0) -> None:
             f"{type(_unwrap(model)).__name__} has no `logit_scale` parameter to clamp; pass the CLIP model."
         )
     logit_scale.clamp_(max=math.log(max_scale))
+
+
+class ClampLogitScaleCallback(TrainerCallback):
+    """`clamp_logit_scale` after every optimizer step of transformers' Trainer, which knows nothing of CLIP's
+    temperature: without it a fine-tuning run can push the logit multiplier past the paper's cap of 100.
+    With the paper's decay groups as well: `Trainer(..., optimizers=(create_optimizer(model, ...), None),
+    callbacks=[ClampLogitScaleCallback()])`."""
+
+    def __init__(self, max_scale: float = 100.0) -> None:
+        self.max_scale = max_scale
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
+        if model is not None:
+            clamp_logit_scale(model, self.max_scale)
