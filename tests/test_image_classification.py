@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from test_modeling import pixels, tiny_config
-from transformers import AutoModel, AutoModelForImageClassification, Trainer, TrainingArguments, pipeline
+from test_trainer import logged_losses, training_args
+from transformers import AutoModel, AutoModelForImageClassification, Trainer, pipeline
 
 from hf_clip import (
     HfClipForImageClassification,
@@ -159,20 +160,12 @@ def test_trainer_fine_tunes_the_classifier(tmp_path, tokenizer):
         -1, 1, 1, 1
     )
     rows = [{"pixel_values": image, "labels": int(label)} for image, label in zip(images, labels)]
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=16,
-        num_train_epochs=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
+    args = training_args(
+        tmp_path / "run", per_device_train_batch_size=16, num_train_epochs=4, learning_rate=1e-2
     )
     trainer = Trainer(model=model, args=args, train_dataset=rows)
     trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    losses = list(logged_losses(trainer).values())
     assert losses[-1] < 0.7 * losses[0], losses
     model.eval()
     with torch.no_grad():

@@ -14,6 +14,7 @@ import pytest
 import torch
 from datasets import Dataset
 from datasets.fingerprint import Hasher
+from test_modeling import tiny_config
 from transformers import (
     AutoImageProcessor,
     AutoModel,
@@ -24,23 +25,9 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_clip import HfClipConfig, HfClipImageProcessor, HfClipModel, HfClipProcessor, HfClipTokenizer
+from hf_clip import HfClipImageProcessor, HfClipModel, HfClipProcessor, HfClipTokenizer
 
-EOS = 49407
 WORDS = ["red", "blue", "green", "cat", "dog", "circle", "square", "big", "small", "photo"]
-
-
-def tiny_config(vision_type: str = "vit") -> HfClipConfig:
-    vision = (
-        dict(vision_type="vit", image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2)
-        if vision_type == "vit"
-        else dict(vision_type="resnet", image_size=32, hidden_size=16, resnet_layers=[1, 1, 1, 1])
-    )
-    return HfClipConfig(
-        projection_dim=32,
-        text_config=dict(hidden_size=64, num_hidden_layers=2, vocab_size=EOS + 1),
-        vision_config=vision,
-    )
 
 
 def tiny_model(vision_type: str) -> HfClipModel:
