@@ -22,11 +22,11 @@ import torch
 from hf_clip import hub
 from hf_clip.hub import AUTO_MAP, CODE_FILES, add_push_parser, check_model_folder, code_files, prepare_for_hub
 
-# Runs in a fresh interpreter: a meta-path finder makes hf_clip unimportable whatever is installed (editable
-# installs included), then every Auto class loads the folders with trust_remote_code=True.
-ISOLATED_LOADER = textwrap.dedent(
+# The start of a script for a fresh interpreter: a meta-path finder makes hf_clip unimportable whatever is
+# installed (editable installs included).
+BLOCK_HF_CLIP = textwrap.dedent(
     """
-    import json, sys, traceback
+    import sys
 
     class BlockHfClip:
         def find_spec(self, name, path=None, target=None):
@@ -41,6 +41,13 @@ ISOLATED_LOADER = textwrap.dedent(
         pass
     else:
         raise SystemExit("hf_clip is importable; the isolation failed")
+    """
+)
+
+# Then every Auto class loads the folders with trust_remote_code=True.
+ISOLATED_LOADER = BLOCK_HF_CLIP + textwrap.dedent(
+    """
+    import json, traceback
 
     import numpy as np
     import torch
@@ -147,6 +154,20 @@ class FakeTransformersApi:
         return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}/commit/1")
 
 
+def run_isolated(script: str, args: list[str], root: Path) -> dict:
+    """Run `script` (starting with BLOCK_HF_CLIP) offline in a fresh interpreter in `root`: the JSON it printed
+    after "REPORT"."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env.update(HF_MODULES_CACHE=str(root / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    path = root / "load.py"
+    path.write_text(script)
+    proc = subprocess.run(
+        [sys.executable, str(path), *args], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.split("REPORT", 1)[1])
+
+
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     """A folder prepared by hub.prepare_for_hub, one pushed by model/processor.push_to_hub, the expected outputs,
@@ -166,20 +187,7 @@ def published(tmp_path_factory):
         model.push_to_hub("someone/tiny-clip")
         processor.push_to_hub("someone/tiny-clip")
 
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env.update(HF_MODULES_CACHE=str(root / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    script = root / "load.py"
-    script.write_text(ISOLATED_LOADER)
-    proc = subprocess.run(
-        [sys.executable, str(script), json.dumps(TEXTS), str(prepared), str(pushed)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.split("REPORT", 1)[1])
+    report = run_isolated(ISOLATED_LOADER, [json.dumps(TEXTS), str(prepared), str(pushed)], root)
     return {
         "prepared": prepared,
         "pushed": pushed,

@@ -1,6 +1,7 @@
 """HfClipForImageClassification: Auto loading from a CLIP folder, the zero-shot start, training, the pipeline."""
 
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,52 @@ def test_saved_classifier_round_trips_and_serves_the_image_classification_pipeli
     for result, row in zip(results, expected.softmax(-1)):
         assert [r["label"] for r in result] == [CLASSES[i] for i in row.argsort(descending=True)]
         np.testing.assert_allclose([r["score"] for r in result], row.sort(descending=True).values, atol=1e-5)
+
+
+def test_folders_load_as_classifiers_with_trust_remote_code_where_hf_clip_is_not_installed(
+    tmp_path, tokenizer
+):
+    """A saved CLIP folder starts a classifier (`num_labels=...`), and a classifier folder prepared for the Hub
+    (`hf-clip push`: no tokenizer) serves the image-classification pipeline, both from the shipped code."""
+    from test_hub import BLOCK_HF_CLIP, run_isolated
+
+    from hf_clip.hub import CLASSIFIER_AUTO_CLASSES, prepare_for_hub
+
+    clip, folder = clip_folder(tmp_path, "vit", tokenizer)
+    zero_shot = ZeroShotClassifier.from_model(clip, tokenizer, CLASSES, progress=False)
+    out_dir = tmp_path / "classifier"
+    HfClipForImageClassification.from_zero_shot(clip, zero_shot).save_pretrained(out_dir)
+    HfClipImageProcessor.from_pretrained(folder).save_pretrained(out_dir)
+    prepare_for_hub(out_dir)
+    # Still no entry sending AutoModel to the contrastive model.
+    assert set(json.loads((out_dir / "config.json").read_text())["auto_map"]) == set(CLASSIFIER_AUTO_CLASSES)
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (40, 48, 3), dtype=np.uint8))
+    image.save(tmp_path / "image.png")
+    script = BLOCK_HF_CLIP + textwrap.dedent(
+        """
+        import json
+
+        from PIL import Image
+        from transformers import AutoModelForImageClassification, pipeline
+
+        clip_dir, classifier_dir, image = sys.argv[1:4]
+        fresh = AutoModelForImageClassification.from_pretrained(clip_dir, num_labels=4, trust_remote_code=True)
+        tower = {k: v.tolist() for k, v in fresh.state_dict().items() if not k.startswith("classifier.")}
+        classify = pipeline("image-classification", model=classifier_dir, trust_remote_code=True, top_k=None)
+        report = {"fresh": [type(fresh).__name__, fresh.config.num_labels], "tower": tower}
+        print("REPORT" + json.dumps({**report, "results": classify(Image.open(image))}))
+        """
+    )
+    report = run_isolated(script, [str(folder), str(out_dir), str(tmp_path / "image.png")], tmp_path)
+    assert report["fresh"] == ["HfClipForImageClassification", 4]
+    source = clip.state_dict()
+    for name, values in report["tower"].items():
+        torch.testing.assert_close(torch.tensor(values), source[name], rtol=0, atol=0, msg=name)
+    expected = pipeline("image-classification", model=str(out_dir), top_k=None)(image)
+    assert [r["label"] for r in report["results"]] == [r["label"] for r in expected]
+    np.testing.assert_allclose(
+        [r["score"] for r in report["results"]], [r["score"] for r in expected], atol=1e-6
+    )
 
 
 def test_trainer_fine_tunes_the_classifier(tmp_path, tokenizer):

@@ -39,6 +39,7 @@ AUTO_MAP: dict[str, Any] = {
     "AutoConfig": "configuration_hf_clip.HfClipConfig",
     "AutoModel": "modeling_hf_clip.HfClipModel",
     "AutoModelForZeroShotImageClassification": "modeling_hf_clip.HfClipModel",
+    "AutoModelForImageClassification": "modeling_hf_clip.HfClipForImageClassification",
     "AutoTokenizer": ["tokenization_hf_clip.HfClipTokenizer", None],
     "AutoImageProcessor": "image_processing_hf_clip.HfClipImageProcessor",
     "AutoProcessor": "processing_hf_clip.HfClipProcessor",
@@ -54,6 +55,10 @@ _AUTO_MAP_FILES = {
     ("processor_config.json", None): ("AutoProcessor",),
     ("processor_config.json", "image_processor"): ("AutoImageProcessor", "AutoProcessor"),
 }
+
+# A fine-tuned image classifier's folder (HfClipForImageClassification) holds the image tower alone: it needs
+# no tokenizer, and gets only these entries (AutoModel would build the contrastive model, text tower random).
+CLASSIFIER_AUTO_CLASSES = ("AutoConfig", "AutoModelForImageClassification", "AutoImageProcessor")
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -139,15 +144,23 @@ def check_model_folder(model_dir: str | os.PathLike) -> Path:
         raise FileNotFoundError(
             f"No model.safetensors in {model_dir}{hint}; re-save the model with save_pretrained (safetensors)."
         )
-    missing = [] if (model_dir / "tokenizer_config.json").is_file() else ["tokenizer_config.json"]
+    missing = []
+    if not _is_classifier(config) and not (model_dir / "tokenizer_config.json").is_file():
+        missing.append("tokenizer_config.json")
     if not _has_image_processor(model_dir):
         missing.append("the image processor (preprocessor_config.json or processor_config.json)")
     if missing:
         raise FileNotFoundError(
             f"{model_dir} lacks {' and '.join(missing)}: save the processor next to the model "
-            "(processor.save_pretrained(model_dir)) so the repository can encode text and images."
+            "(processor.save_pretrained(model_dir); an image classifier's image processor) so the repository "
+            "can encode text and images."
         )
     return model_dir
+
+
+def _is_classifier(config: dict[str, Any]) -> bool:
+    """A folder saved by HfClipForImageClassification (see CLASSIFIER_AUTO_CLASSES)."""
+    return "HfClipForImageClassification" in (config.get("architectures") or [])
 
 
 def _has_image_processor(model_dir: Path) -> bool:
@@ -160,6 +173,7 @@ def _has_image_processor(model_dir: Path) -> bool:
 def prepare_for_hub(model_dir: str | os.PathLike) -> list[Path]:
     """Copy the model code into `model_dir` and write `auto_map` into its config files; returns changed files."""
     model_dir = check_model_folder(model_dir)
+    classifier = _is_classifier(_read_json(model_dir / "config.json"))
     changed = []
     for source in code_files():
         target = model_dir / source.name
@@ -173,7 +187,9 @@ def prepare_for_hub(model_dir: str | os.PathLike) -> list[Path]:
         for (file_name, key), auto_classes in _AUTO_MAP_FILES.items():
             section = data if key is None else data.get(key)
             if file_name == name and isinstance(section, dict):
-                _add_auto_map(section, auto_classes)
+                _add_auto_map(
+                    section, [c for c in auto_classes if not classifier or c in CLASSIFIER_AUTO_CLASSES]
+                )
         _write_json(path, data)
         changed.append(path)
     return changed
@@ -323,6 +339,7 @@ def run_push(args: argparse.Namespace) -> Any:
 
 __all__ = [
     "AUTO_MAP",
+    "CLASSIFIER_AUTO_CLASSES",
     "CODE_FILES",
     "HubUploadError",
     "add_push_parser",

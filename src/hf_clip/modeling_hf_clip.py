@@ -531,8 +531,11 @@ class HfClipPreTrainedModel(PreTrainedModel):
                 if not str(value).startswith("modeling_hf_clip.")
             }
             auto_map.setdefault("AutoConfig", f"configuration_hf_clip.{config.__class__.__name__}")
-            for auto_class in _AUTO_CLASSES.get(type(self).__name__, ()):
-                auto_map[auto_class] = f"modeling_hf_clip.{type(self).__name__}"
+            name = type(self).__name__
+            for auto_class in _AUTO_CLASSES.get(name, ()):
+                auto_map[auto_class] = f"modeling_hf_clip.{name}"
+            for auto_class, other in _LOADS_AS.get(name, {}).items():
+                auto_map[auto_class] = f"modeling_hf_clip.{other}"
             config.auto_map = auto_map
         super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -1369,6 +1372,9 @@ _AUTO_CLASSES = {
     "HfClipTextModelWithProjection": ("AutoModel",),
     "HfClipVisionModelWithProjection": ("AutoModel",),
 }
+# Auto classes that load a model's folder as another class: a CLIP folder starts an image classifier
+# (`num_labels=...`), also with trust_remote_code=True where hf_clip is not installed to register it.
+_LOADS_AS = {"HfClipModel": {"AutoModelForImageClassification": "HfClipForImageClassification"}}
 
 __all__ = [
     "HfClipForImageClassification",
