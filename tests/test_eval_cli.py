@@ -335,6 +335,25 @@ def test_robustness_scores_a_fine_tuned_classifier_with_its_own_head(model_dir, 
         run(["zero-shot", "--model", str(classifier_dir), "--dataset", str(data / "colours")], tmp_path / "n")
 
 
+def test_head_with_a_repeated_label_keeps_its_rows_apart(loaded):
+    """ImageNet's class names repeat "missile" and "sunglasses", so a head made by from_zero_shot on them has
+    repeated labels: on that same label list each class keeps its own row (by name, both would read the
+    last), and a dataset naming the repeated class in another order is refused as ambiguous."""
+    from hf_clip import HfClipForImageClassification
+    from hf_clip.evaluation.loading import LabelInfo
+    from hf_clip.evaluation.zero_shot import HeadClassifier
+
+    model, _ = loaded
+    names = ["missile", "cat", "Missile"]
+    classifier = HfClipForImageClassification(model.config.__class__(**model.config.to_dict(), num_labels=3))
+    classifier.config.id2label = dict(enumerate(names))
+    for label_names in (names, ["n01", "n02", "n03"]):  # the class names match when the label names do not
+        head = HeadClassifier(classifier, LabelInfo(np.arange(3), names, label_names))
+        assert torch.equal(head.weights, classifier.classifier.weight)
+    with pytest.raises(ValueError, match="several outputs named 'missile'"):
+        HeadClassifier(classifier, LabelInfo(np.arange(2), ["cat", "missile"], ["cat", "missile"]))
+
+
 def test_bad_input_errors(model_dir, data, tmp_path):
     def fails(argv, match):
         with pytest.raises((ValueError, FileNotFoundError), match=match):

@@ -242,6 +242,18 @@ def _name_key(name: str | Sequence[str]) -> str | tuple[str, ...]:
     return name if isinstance(name, str) else tuple(str(n) for n in name)
 
 
+def name_index(keys: Sequence[Any]) -> tuple[dict[Any, int], set[Any]]:
+    """Each name's first position in ``keys``, and the names that occur more than once there (which cannot be
+    matched by name: ImageNet's two "missile" classes)."""
+    index: dict[Any, int] = {}
+    repeated: set[Any] = set()
+    for i, key in enumerate(keys):
+        if key in index:
+            repeated.add(key)
+        index.setdefault(key, i)
+    return index, repeated
+
+
 def align_labels(info: LabelInfo, reference: LabelInfo) -> np.ndarray:
     """Map a dataset's labels into the index space of ``reference`` by name (label names, then class names).
 
@@ -255,12 +267,7 @@ def align_labels(info: LabelInfo, reference: LabelInfo) -> np.ndarray:
         keys = [_name_key(n) for n in ref_names]
         if names == keys:
             return np.asarray(info.labels, dtype=np.int64)
-        index: dict[Any, int] = {}
-        repeated: set[Any] = set()
-        for i, key in enumerate(keys):
-            if key in index:
-                repeated.add(key)
-            index.setdefault(key, i)
+        index, repeated = name_index(keys)
         if all(n in index for n in names):
             ambiguous = sorted(str(n) for n in set(names) & repeated)
             if ambiguous:

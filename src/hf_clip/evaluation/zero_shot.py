@@ -17,7 +17,14 @@ from datasets import Dataset
 
 from .classification import classification_metrics, classification_result, model_label
 from .features import FeatureOptions
-from .loading import LabelInfo, check_dataset, display_name, prepare_image_column, resolve_labels
+from .loading import (
+    LabelInfo,
+    check_dataset,
+    display_name,
+    name_index,
+    prepare_image_column,
+    resolve_labels,
+)
 from .reporting import EvalResult
 
 
@@ -56,7 +63,9 @@ class HeadClassifier:
 def _head_rows(labels: list[str], info: LabelInfo) -> list[int]:
     """For each dataset class, the head's output for it: matched by name (the dataset's label names, else its
     class names; case and surrounding space ignored), or by index when the head has only transformers'
-    placeholder labels (LABEL_0, LABEL_1, ...)."""
+    placeholder labels (LABEL_0, LABEL_1, ...). A head labelled with the dataset's own list keeps its order,
+    so repeated names (ImageNet's two "missile" classes, in a head made by from_zero_shot) stay apart; matching
+    a repeated name elsewhere is ambiguous and refused."""
     if all(label == f"LABEL_{i}" for i, label in enumerate(labels)):
         if len(labels) != info.num_classes:
             raise ValueError(
@@ -65,10 +74,20 @@ def _head_rows(labels: list[str], info: LabelInfo) -> list[int]:
                 "trained on."
             )
         return list(range(len(labels)))
-    index = {label.strip().lower(): i for i, label in enumerate(labels)}
+    head = [label.strip().lower() for label in labels]
+    index, repeated = name_index(head)
     for names in (info.label_names, [display_name(c) for c in info.classnames]):
         keys = [str(name).strip().lower() for name in names]
+        if keys == head:
+            return list(range(len(keys)))
         if all(key in index for key in keys):
+            ambiguous = sorted(set(keys) & repeated)
+            if ambiguous:
+                raise ValueError(
+                    f"The classifier has several outputs named {', '.join(map(repr, ambiguous))}, so the "
+                    "dataset's classes cannot be matched to them by name; evaluate on the label list it was "
+                    "made with (--classnames in the classifier's order), or give its outputs unique names."
+                )
             return [index[key] for key in keys]
     missing = [display_name(c) for c in info.classnames if display_name(c).strip().lower() not in index]
     raise ValueError(
