@@ -26,7 +26,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-from hf_clip import HfClipForImageClassification, HfClipModel, HfClipProcessor, ZeroShotClassifier  # noqa: E402
+from hf_clip import (  # noqa: E402
+    HfClipConfig,
+    HfClipForImageClassification,
+    HfClipModel,
+    HfClipProcessor,
+    ZeroShotClassifier,
+)
 from hf_clip._io import atomic_write_text  # noqa: E402
 from hf_clip.data import load_synthetic_clip_dataset, synthetic_zero_shot_templates  # noqa: E402
 from hf_clip.evaluation import evaluate_robustness  # noqa: E402
@@ -47,12 +53,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="Comma-separated WiSE-FT coefficients.")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Checked here: transformers would take a missing folder for a Hub repository id and fail on the network.
+    if not (Path(args.model) / "config.json").is_file():
+        parser.error(
+            f"--model {args.model} is not a saved model folder (no config.json). Train one first with "
+            "`accelerate launch examples/pretrain.py` (it writes outputs/pretrain), or pass a folder written by "
+            "save_pretrained or `hf-clip convert`."
+        )
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parse_args(argv)
     alphas = [float(a) for a in args.alphas.split(",")]
+    HfClipConfig.from_pretrained(args.model).check_has_text_tower(
+        "the zero-shot start, which encodes prompts"
+    )
     clip = HfClipModel.from_pretrained(args.model).eval()
     processor = HfClipProcessor.from_pretrained(args.model)
     size = clip.config.vision_config.image_size
@@ -135,6 +152,7 @@ def write_report(results: dict[str, dict[str, float]], args: argparse.Namespace)
     fig.tight_layout()
     fig.savefig(out / "wise_ft.png", dpi=120)
     plt.close(fig)
+    print(f"Wrote {out / 'wise_ft.json'}, {out / 'wise_ft.md'} and {out / 'wise_ft.png'}")
 
 
 if __name__ == "__main__":

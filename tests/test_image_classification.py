@@ -292,19 +292,40 @@ def test_wise_ft_interpolates_the_weights(tmp_path, tokenizer):
         wise_ft(zero_shot, other, 0.5)
 
 
-def test_fine_tune_example_writes_the_wise_ft_curve(tmp_path, tokenizer):
-    """examples/fine_tune.py on a tiny model: alpha = 0 scores exactly as the zero-shot classifier does."""
+def fine_tune_example():
     import importlib.util
 
-    from hf_clip.data import load_synthetic_clip_dataset, synthetic_zero_shot_templates
-    from hf_clip.evaluation import evaluate_robustness
-
-    clip, folder = clip_folder(tmp_path, "vit", tokenizer)
     spec = importlib.util.spec_from_file_location(
         "fine_tune", Path(__file__).parents[1] / "examples/fine_tune.py"
     )
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def test_fine_tune_example_refuses_a_missing_or_classifier_model_folder(tmp_path, tokenizer, capsys):
+    """Before pretraining, the default --model outputs/pretrain does not exist: the example says how to make it
+    (transformers would look for a Hub repository of that name and fail on the network). A classifier folder
+    has no text tower for the zero-shot start."""
+    example = fine_tune_example()
+    with pytest.raises(SystemExit):
+        example.main(["--model", str(tmp_path / "outputs" / "pretrain")])
+    assert "examples/pretrain.py" in capsys.readouterr().err
+    _, folder = clip_folder(tmp_path, "vit", tokenizer)
+    out_dir = tmp_path / "classifier"
+    AutoModelForImageClassification.from_pretrained(folder, num_labels=3).save_pretrained(out_dir)
+    HfClipProcessor.from_pretrained(folder).save_pretrained(out_dir)
+    with pytest.raises(ValueError, match="no text tower.*zero-shot start"):
+        example.main(["--model", str(out_dir)])
+
+
+def test_fine_tune_example_writes_the_wise_ft_curve(tmp_path, tokenizer):
+    """examples/fine_tune.py on a tiny model: alpha = 0 scores exactly as the zero-shot classifier does."""
+    from hf_clip.data import load_synthetic_clip_dataset, synthetic_zero_shot_templates
+    from hf_clip.evaluation import evaluate_robustness
+
+    clip, folder = clip_folder(tmp_path, "vit", tokenizer)
+    example = fine_tune_example()
     out = tmp_path / "out"
     argv = ["--model", str(folder), "--output_dir", str(out), "--max_steps", "3", "--batch_size", "8"]
     results = example.main([*argv, "--train_samples", "32", "--eval_samples", "24", "--alphas", "0,1"])
