@@ -9,12 +9,13 @@ robustness evaluation scores each mixing coefficient.
 from __future__ import annotations
 
 import copy
+import numbers
 
 import torch
 from torch import nn
 
 
-def wise_ft(zero_shot: nn.Module, fine_tuned: nn.Module, alpha: float) -> nn.Module:
+def wise_ft(zero_shot: nn.Module, fine_tuned: nn.Module, alpha: float | numbers.Real) -> nn.Module:
     """A new model with weights (1 - alpha) * zero_shot + alpha * fine_tuned; the inputs are left unchanged.
 
     Both must be the same architecture, such as `HfClipForImageClassification.from_zero_shot(...)` and the
@@ -22,8 +23,11 @@ def wise_ft(zero_shot: nn.Module, fine_tuned: nn.Module, alpha: float) -> nn.Mod
     statistics too) are interpolated in float32; integer buffers (BatchNorm's batch counts) are taken from the
     model alpha is nearer to, so alpha = 0 and 1 give the two models exactly.
     """
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
+    if isinstance(alpha, torch.Tensor) and alpha.numel() == 1:
+        alpha = alpha.item()
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1] (0: zero-shot, 1: fine-tuned), got {alpha!r}.")
+    alpha = float(alpha)  # numpy scalars too (np.linspace)
     if type(zero_shot) is not type(fine_tuned):
         raise TypeError(
             f"Cannot interpolate a {type(zero_shot).__name__} with a {type(fine_tuned).__name__}; pass two "
@@ -47,7 +51,7 @@ def wise_ft(zero_shot: nn.Module, fine_tuned: nn.Module, alpha: float) -> nn.Mod
     for key, a in start.items():
         b = end[key].to(a.device)
         if a.is_floating_point():
-            merged[key] = torch.lerp(a.float(), b.float(), float(alpha)).to(a.dtype)
+            merged[key] = torch.lerp(a.float(), b.float(), alpha).to(a.dtype)
         else:
             merged[key] = (b if alpha >= 0.5 else a).clone()
     model = copy.deepcopy(zero_shot)
