@@ -255,6 +255,21 @@ def test_bad_lock_options_are_refused(tmp_path):
     check(lock_image=True, lock_image_unlocked_groups=1, patch_dropout=0.5)
 
 
+def test_a_refused_lock_leaves_the_model_as_it_was():
+    """A lock refused for its BatchNorm layers changes nothing: it used to leave the tower locked (every
+    parameter frozen) without the no-grad hooks of a locked tower, or an earlier lock's trainable groups."""
+    model = _model()
+    lock_image_tower(model, 1)
+    trainable = _trainable(model)
+    with pytest.raises(ValueError, match="no BatchNorm layer"):
+        lock_image_tower(model, freeze_bn_stats=True)
+    assert _trainable(model) == trainable
+    resnet = torch.nn.SyncBatchNorm.convert_sync_batchnorm(_model(TINY_RESNET))
+    with pytest.raises(TypeError, match="not SyncBatchNorm"):
+        lock_image_tower(resnet, freeze_bn_stats=True)
+    assert all(p.requires_grad for p in resnet.parameters())
+
+
 def test_gradcache_runs_a_frozen_tower_once_and_keeps_the_gradients():
     """With a locked ResNet image tower (its BatchNorm normalising each micro-batch), accumulation gives the
     gradients of the same micro-batches without GradCache's second image pass, and each micro-batch updates

@@ -147,28 +147,41 @@ def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats
     later `model.train()`: they normalise with the pretrained running statistics and never update them, so
     the locked weights and statistics both stay as loaded. Without it they normalise each batch by its own
     statistics and keep updating the running ones, as open_clip does without `--lock-image-freeze-bn-stats`.
+    `SyncBatchNorm.convert_sync_batchnorm` afterwards would turn the frozen layers into ones that train again:
+    convert only the trainable part.
     """
     groups = image_tower_groups(model)
     _check_count(unlocked_groups, len(groups), "unlocked_groups (--lock_image_unlocked_groups)", "image")
+    norms = _locked_batch_norms(groups[: len(groups) - unlocked_groups]) if freeze_bn_stats else []
     for module in _tower_modules(model, "image"):  # a lock replaces an earlier one
         for norm in module.modules():
             if type(norm) is _EvalModeBatchNorm2d:
                 norm.__class__ = nn.BatchNorm2d
                 norm.train(module.training)
-    locked = _lock(groups, unlocked_groups)
-    if freeze_bn_stats:
-        norms = [
-            m for group in locked for item in group if isinstance(item, nn.Module) for m in item.modules()
-        ]
-        norms = [m for m in norms if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not norms:
-            raise ValueError(
-                "freeze_bn_stats (--lock_image_freeze_bn_stats): this image tower has no BatchNorm layer in its locked part "
-                "(a ViT has none); leave the option out."
-            )
-        for norm in norms:
-            _keep_in_eval_mode(norm)
+    _lock(groups, unlocked_groups)
+    for norm in norms:
+        norm.__class__ = _EvalModeBatchNorm2d
+        norm.eval()
     return _finish(model, "image", len(groups), unlocked_groups, freeze_bn_stats=freeze_bn_stats)
+
+
+def _locked_batch_norms(locked: list[Group]) -> list[nn.Module]:
+    """The BatchNorm layers that `freeze_bn_stats` keeps in eval mode, checked before the lock changes
+    anything: a refused lock leaves the model as it was (not half locked, without its no-grad hooks)."""
+    modules = [m for group in locked for item in group if isinstance(item, nn.Module) for m in item.modules()]
+    norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ValueError(
+            "freeze_bn_stats (--lock_image_freeze_bn_stats): this image tower has no BatchNorm layer in its locked part "
+            "(a ViT has none); leave the option out."
+        )
+    for norm in norms:
+        if type(norm) not in (nn.BatchNorm2d, _EvalModeBatchNorm2d):
+            raise TypeError(
+                f"freeze_bn_stats supports nn.BatchNorm2d layers, not {type(norm).__name__}: lock before any "
+                "SyncBatchNorm conversion, and convert only the trainable layers (a frozen one has nothing to sync)."
+            )
+    return norms
 
 
 def lock_text_tower(model: nn.Module, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> TowerLock:
@@ -236,14 +249,6 @@ class _EvalModeBatchNorm2d(nn.BatchNorm2d):
 
     def train(self, mode: bool = True) -> _EvalModeBatchNorm2d:
         return super().train(False)
-
-
-def _keep_in_eval_mode(norm: nn.Module) -> None:
-    if type(norm) is nn.BatchNorm2d:
-        norm.__class__ = _EvalModeBatchNorm2d
-    elif type(norm) is not _EvalModeBatchNorm2d:
-        raise TypeError(f"freeze_bn_stats supports nn.BatchNorm2d layers, not {type(norm).__name__}.")
-    norm.eval()
 
 
 def _disable_grad(module: nn.Module, args: tuple) -> None:
