@@ -456,18 +456,19 @@ def test_two_processes_with_a_locked_tower_train_as_one(tmp_path, pretrained):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_saves_the_locked_tower_unrounded(tmp_path, pretrained):
-    """ZeRO-2 in bf16 casts the whole model to bf16 and keeps fp32 masters of trainable parameters only: the
-    locked tower is saved from the fp32 weights it started from, not from its bf16 copy. (Not ZeRO-3: under
-    it `--model DIR` fails to load at all, locked or not, in transformers' zero.Init on the 0-d logit scale.)"""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_saves_the_locked_tower_unrounded(tmp_path, pretrained, stage):
+    """ZeRO-2/3 in bf16 cast the whole model to bf16 and keep fp32 masters of trainable parameters only: the
+    locked tower is saved from the fp32 weights it started from, not from its bf16 copy (ZeRO-3: partitioned
+    across the 2 processes, gathered in its no-grad forward)."""
     pytest.importorskip("deepspeed")
-    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "deepspeed_zero2.yaml"
+    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / f"deepspeed_zero{stage}.yaml"
     run = _launch(
         tmp_path,
         [f"--model={pretrained}", "--lock_image"],
         f"--config_file={config}",
         "--num_processes=2",
-        "--main_process_port=29562",
+        f"--main_process_port={29560 + stage}",
     )
     assert run.returncode == 0, run.stderr[-3000:]
     start, end = _weights(pretrained), _weights(tmp_path / "run")
