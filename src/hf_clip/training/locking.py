@@ -148,7 +148,8 @@ def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats
     the locked weights and statistics both stay as loaded. Without it they normalise each batch by its own
     statistics and keep updating the running ones, as open_clip does without `--lock-image-freeze-bn-stats`.
     `SyncBatchNorm.convert_sync_batchnorm` afterwards would turn the frozen layers into ones that train again:
-    convert only the trainable part.
+    convert only the trainable part. A fully locked tower also passes no gradient back to its input (pixels),
+    so saliency maps or adversarial examples need the model loaded afresh, or locked with unlocked groups.
     """
     groups = image_tower_groups(model)
     _check_count(unlocked_groups, len(groups), "unlocked_groups (--lock_image_unlocked_groups)", "image")

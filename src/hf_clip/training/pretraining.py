@@ -197,7 +197,10 @@ class PretrainArguments:
     )
     lock_text: bool = field(
         default=False,
-        metadata={"help": "Keep the pretrained text tower of --model fixed. open_clip's --lock-text."},
+        metadata={
+            "help": "Keep the pretrained text tower of --model fixed (its LayerNorm gains and biases still train "
+            "unless --lock_text_freeze_layer_norm, as in open_clip). open_clip's --lock-text."
+        },
     )
     lock_text_unlocked_layers: int = field(
         default=0,
