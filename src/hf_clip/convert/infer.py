@@ -182,7 +182,11 @@ def infer_openai_config(
         raise ConversionError(
             "The checkpoint has neither a ViT ('visual.proj') nor a ResNet ('visual.attnpool')."
         )
-    config = HfClipConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+    # A logit bias (sigmoid loss) records only its trained value, which stands in for the initial one.
+    bias = float(state_dict["logit_bias"].reshape(-1)[0]) if "logit_bias" in state_dict else None
+    config = HfClipConfig(
+        text_config=text, vision_config=vision, projection_dim=projection_dim, logit_bias_init_value=bias
+    )
     return _with_preset_heads(config, activation)
 
 

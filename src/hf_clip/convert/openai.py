@@ -96,5 +96,7 @@ def openai_rules(config: HfClipConfig) -> list[Rule]:
         Rule("text_projection.weight", ("text_projection",), "transpose"),
         _copy("logit_scale", "logit_scale"),
     ]
+    if config.logit_bias_init_value is not None:  # a sigmoid-loss model; open_clip's CLIP names it the same
+        text.append(_copy("logit_bias", "logit_bias"))
     vision = _resnet(config) if config.vision_config.vision_type == "resnet" else _vit(config)
     return text + vision
