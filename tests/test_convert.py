@@ -977,3 +977,225 @@ def test_a_model_folders_own_weights_file_converts_as_the_folder(tmp_path):
     model = HfClipModel.from_pretrained(out).eval()
     assert model.config.text_config.num_attention_heads == 2
     _assert_transformers_parity(reference, model)
+
+
+# ---- --to open_clip: hf_clip models written as open_clip folders ------------------------------------------
+
+OPENAI_VOCAB = 49408  # open_clip tokenizes with OpenAI's BPE, so only that vocabulary converts
+
+
+def _hf_clip_model(
+    kind: str, act: str, bias: float | None, seed: int = 0, vocab: int = OPENAI_VOCAB
+) -> HfClipModel:
+    """A tiny random hf_clip model with OpenAI's vocabulary, every weight (biases, norms, temperature) moved off
+    its initial value so that a weight lost or misplaced on the way shows."""
+    from hf_clip import HfClipConfig
+
+    if kind == "vit":  # heads of width 16, not 64: head_width must travel
+        vision = dict(
+            image_size=32, patch_size=16, hidden_size=64, num_hidden_layers=2, num_attention_heads=4
+        )
+        vision["intermediate_size"] = 96
+    else:
+        vision = dict(vision_type="resnet", resnet_layers=[1, 2, 1, 1], hidden_size=8, image_size=64)
+        vision["num_attention_heads"] = 8
+    config = HfClipConfig(
+        projection_dim=24,
+        logit_bias_init_value=bias,
+        text_config=dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            hidden_act=act,
+            vocab_size=vocab,
+            bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1,
+        ),
+        vision_config={**vision, "hidden_act": act},
+    )
+    torch.manual_seed(seed)
+    model = _randomize(HfClipModel(config))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("proj.bias") or name.endswith("fc1.bias") or name.endswith("fc2.bias"):
+                parameter.normal_(0, 0.1)
+        if model.logit_bias is not None:
+            model.logit_bias.fill_(-7.25)
+    return model
+
+
+def _hf_clip_folder(folder, model: HfClipModel, **image) -> HfClipModel:
+    from hf_clip.convert.processor import save_processor_files
+
+    model.save_pretrained(folder)
+    save_processor_files(folder, model.config, image=image)
+    return model
+
+
+def _open_clip_from(folder):
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    return model.eval(), preprocess
+
+
+@pytest.mark.parametrize(
+    "kind, act, bias, eos",
+    [
+        ("vit", "quick_gelu", None, None),
+        ("vit", "gelu", -10.0, None),
+        ("resnet", "quick_gelu", -10.0, None),
+        ("resnet", "gelu", None, None),
+        ("vit", "gelu", None, OPENAI_VOCAB - 2),  # pooling at another id than the highest: pool_type 'eos'
+    ],
+)
+def test_hf_clip_to_open_clip_parity_and_round_trip(tmp_path, kind, act, bias, eos):
+    """open_clip's local-dir loader builds the same model: embeddings within 1e-5, equal temperature and
+    bias, logits; converted back, the hf_clip folder has the same weights and config."""
+    model = _hf_clip_model(kind, act, bias)
+    if eos is not None:
+        model.config.text_config.eos_token_id = eos
+    _hf_clip_folder(tmp_path / "hf", model)
+    parser = argparse.ArgumentParser()
+    add_convert_parser(parser.add_subparsers())
+    args = parser.parse_args(["convert", str(tmp_path / "hf"), str(tmp_path / "oc"), "--to", "open_clip"])
+    assert args.func(args) == 0
+    assert sorted(p.name for p in (tmp_path / "oc").iterdir()) == [
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+    ]
+    reference, _ = _open_clip_from(tmp_path / "oc")
+    model_cfg = json.loads((tmp_path / "oc" / "open_clip_config.json").read_text())["model_cfg"]
+    assert model_cfg["quick_gelu"] == (act == "quick_gelu")
+    pooling = {"pool_type": "eos", "eos_id": eos} if eos is not None else {}
+    assert {
+        k: model_cfg["text_cfg"][k] for k in ("pool_type", "eos_id") if k in model_cfg["text_cfg"]
+    } == pooling
+    assert torch.equal(reference.logit_scale.detach(), model.logit_scale.detach())
+    if bias is None:
+        assert reference.logit_bias is None
+    else:
+        assert torch.equal(reference.logit_bias.detach(), model.logit_bias.detach())
+    expected = _Expected(reference, model.config.vision_config.image_size, vocab=OPENAI_VOCAB)
+    if bias is not None:  # open_clip's CLIP adds its bias to the logits, as hf_clip does
+        expected.logits = expected.logits + reference.logit_bias.detach()
+    expected.check(model)
+
+    back = convert_checkpoint(tmp_path / "oc", tmp_path / "back")
+    restored = HfClipModel.from_pretrained(back)
+    state, restored_state = model.state_dict(), restored.state_dict()
+    assert state.keys() == restored_state.keys()
+    assert all(torch.equal(state[k], restored_state[k]) for k in state)
+    ignored = ("_name_or_path", "dtype")
+    config, restored_config = model.config.to_dict(), restored.config.to_dict()
+    for entry in (config, restored_config, config["text_config"], config["vision_config"]):
+        for key in ignored:
+            entry.pop(key, None)
+    for entry in (restored_config["text_config"], restored_config["vision_config"]):
+        for key in ignored:
+            entry.pop(key, None)
+    assert restored_config == config
+
+
+def test_open_clip_folder_tokenizer_and_preprocessing_match_hf_clip(tmp_path):
+    """open_clip's tokenizer for the folder gives hf_clip's ids; its transform, built from the image processor
+    (here LAION's mean = std = 0.5, bilinear, "squash"), gives the same pixels, bit for bit: both resize with
+    PIL's filter and crop with torchvision's rounding (see image_processing_hf_clip), so the tolerance is 0."""
+    model = _hf_clip_model("vit", "gelu", None)
+    for name, image in (
+        ("openai", {}),
+        ("laion", {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 2, "squash": True}),
+    ):
+        _hf_clip_folder(tmp_path / name, model, **image)
+        out = convert_checkpoint(tmp_path / name, tmp_path / f"oc-{name}", to="open_clip")
+        _, preprocess = _open_clip_from(out)
+        image_processor = HfClipImageProcessor.from_pretrained(tmp_path / name)
+        generator = torch.Generator().manual_seed(3)
+        for height, width in ((90, 120), (200, 64), (47, 33)):
+            photo = Image.fromarray(
+                torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8).numpy()
+            )
+            pixels = image_processor(images=[photo], return_tensors="pt").pixel_values[0]
+            assert torch.equal(preprocess(photo), pixels), (name, height, width)
+    ids = open_clip.get_tokenizer(f"local-dir:{out}")(CAPTIONS)
+    tokenizer = HfClipTokenizer.from_pretrained(tmp_path / "openai")
+    expected = tokenizer(CAPTIONS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert torch.equal(ids, expected.input_ids)
+
+
+def test_open_clip_and_transformers_sources_to_open_clip(tmp_path):
+    """Any source the converter reads: an open_clip state dict (GELU, from its own config), a transformers
+    folder whose tokenizer spells the special tokens its way."""
+    cfg = _shrunk_config("ViT-B-16")
+    cfg["text_cfg"]["vocab_size"] = OPENAI_VOCAB
+    reference = _reference(cfg, quick_gelu=False)
+    folder = _hub_folder(tmp_path / "hub", cfg, reference, {"mean": [0.5] * 3, "std": [0.5] * 3})
+    out = convert_checkpoint(folder, tmp_path / "oc", to="open_clip")
+    written = json.loads((out / "open_clip_config.json").read_text())
+    assert written["preprocess_cfg"]["mean"] == [0.5] * 3 and not written["model_cfg"]["quick_gelu"]
+    loaded, _ = _open_clip_from(out)
+    expected = _Expected(reference, cfg["vision_cfg"]["image_size"], vocab=OPENAI_VOCAB)
+    with torch.no_grad():
+        _assert_close(loaded.encode_image(expected.images), expected.image, "image features")
+        _assert_close(loaded.encode_text(expected.texts), expected.text, "text features")
+
+    config = _tiny_clip_config()
+    config.text_config.vocab_size, config.text_config.eos_token_id = OPENAI_VOCAB, OPENAI_VOCAB - 1
+    config.text_config.bos_token_id = OPENAI_VOCAB - 2
+    config.vision_config.hidden_act = "gelu"
+    transformers_model = _transformers_reference(config)
+    hf_dir = convert_checkpoint(_saved(transformers_model, tmp_path / "transformers"), tmp_path / "hf")
+    convert_checkpoint(hf_dir, tmp_path / "t", to="transformers")  # with transformers' own tokenizer.json
+    out = convert_checkpoint(tmp_path / "t", tmp_path / "oc-t", to="open_clip")
+    loaded, _ = _open_clip_from(out)
+    images, texts = _images(48), _texts(vocab=OPENAI_VOCAB)
+    with torch.no_grad():
+        _assert_close(
+            loaded.encode_text(texts), transformers_model.get_text_features(texts).pooler_output, "text"
+        )
+        _assert_close(
+            loaded.encode_image(images), transformers_model.get_image_features(images).pooler_output, "image"
+        )
+
+
+def _saved(model: nn.Module, folder):
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_what_open_clip_cannot_load_is_refused_before_writing(tmp_path):
+    from hf_clip import HfClipForImageClassification
+
+    model = _hf_clip_folder(tmp_path / "hf", _hf_clip_model("vit", "gelu", None))
+    refused = tmp_path / "refused"
+    # A classifier folder has no text tower.
+    HfClipForImageClassification(model.config).save_pretrained(tmp_path / "classifier")
+    with pytest.raises(ValueError, match="image classifier"):
+        convert_checkpoint(tmp_path / "classifier", refused, to="open_clip")
+    # A tokenizer that is not OpenAI's, at OpenAI's size or at pretrain.py's.
+    tokenizer = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["a</w>"], vocab["the</w>"] = vocab["the</w>"], vocab["a</w>"]
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ConversionError, match="tokenizer.json\\) is not OpenAI's BPE vocabulary"):
+        convert_checkpoint(tmp_path / "hf", refused, to="open_clip")
+    small = _hf_clip_model("vit", "gelu", None, vocab=600)
+    trained = HfClipTokenizer().train_new_from_iterator(CAPTIONS * 10, vocab_size=600)
+    small.save_pretrained(tmp_path / "small")
+    trained.save_pretrained(tmp_path / "small")
+    with pytest.raises(ConversionError, match="600 tokens, not OpenAI BPE's 49,408"):
+        convert_checkpoint(tmp_path / "small", refused, to="open_clip", processor=False)
+    # One activation for both ViT towers.
+    mixed = _hf_clip_model("vit", "gelu", None)
+    mixed.config.vision_config.hidden_act = "quick_gelu"
+    _hf_clip_folder(tmp_path / "mixed", mixed)
+    with pytest.raises(ConversionError, match="quick_gelu sets both"):
+        convert_checkpoint(tmp_path / "mixed", refused, to="open_clip")
+    # Resize 2x then crop: open_clip resizes to the input size; processor=False writes its defaults.
+    _hf_clip_folder(tmp_path / "crop", model)
+    HfClipImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "crop"
+    )
+    with pytest.raises(ConversionError, match="resizes to 64 px, not the model's 32.*--no-processor"):
+        convert_checkpoint(tmp_path / "crop", refused, to="open_clip")
+    assert not refused.exists()
+    out = convert_checkpoint(tmp_path / "crop", refused, to="open_clip", processor=False)
+    assert json.loads((out / "open_clip_config.json").read_text())["preprocess_cfg"] == {}

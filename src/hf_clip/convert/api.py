@@ -1,4 +1,5 @@
-"""Convert a CLIP checkpoint into a complete hf_clip model directory, or an hf_clip model into transformers'.
+"""Convert a CLIP checkpoint into a complete hf_clip model directory, or an hf_clip model into transformers' or
+open_clip's.
 
 Sources: OpenAI's TorchScript archives (read without executing them), OpenAI / open_clip state dicts
 (``.pt``/``.bin``/``.pth`` via ``torch.load(weights_only=True)``, or ``.safetensors``), transformers
@@ -17,6 +18,7 @@ from os import PathLike
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel
 from transformers.initialization import no_init_weights
 
@@ -33,13 +35,16 @@ from .open_clip_config import (
     find_open_clip_config,
     find_open_clip_preprocess,
     open_clip_activation,
+    open_clip_model_cfg,
     open_clip_weights_file,
 )
 from .openai import OPENAI_EXTRA_KEYS, openai_rules
 from .processor import (
+    check_open_clip_tokenizer,
     check_processor_vocabulary,
     image_settings,
     model_folder_image_settings,
+    open_clip_preprocess,
     save_processor_files,
 )
 from .rules import ConversionError, apply_rules, check_shapes, invert_rules
@@ -54,7 +59,9 @@ __all__ = ["convert_checkpoint", "load_hf_clip_state_dict"]
 
 logger = logging.getLogger(__name__)
 
-_TARGETS = ("hf_clip", "transformers")
+_TARGETS = ("hf_clip", "transformers", "open_clip")
+# The first weights file open_clip's local-dir and hf-hub loads look for.
+_OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -86,6 +93,7 @@ def _load_source(src: Path) -> tuple[dict[str, torch.Tensor], HfClipConfig | CLI
         config: HfClipConfig | CLIPConfig = CLIPConfig.from_pretrained(src)
     elif model_type == HfClipConfig.model_type:
         config = HfClipConfig.from_pretrained(src)
+        config.check_has_text_tower("conversion to a CLIP checkpoint")
     else:
         raise ConversionError(
             f"{src} holds a '{model_type}' model; expected 'clip' (transformers) or 'hf_clip'."
@@ -228,6 +236,35 @@ def _source_image_settings(src: Path) -> dict:
     return image_settings(preprocess, str((src if src.is_dir() else src.parent) / OPEN_CLIP_CONFIG))
 
 
+def _open_clip_files(
+    src: Path, config: HfClipConfig, bpe_vocab: str | PathLike | None, processor: bool
+) -> dict:
+    """open_clip_config.json's content, checked before anything is written: open_clip's CLIP must compute the
+    model, its tokenizer (OpenAI's BPE) must be the model's, and its preprocessing the image processor's."""
+    model_cfg = open_clip_model_cfg(config)
+    folder = src if src.is_dir() else None
+    check_open_clip_tokenizer(folder, config, bpe_vocab)
+    preprocess: dict = {}
+    if processor:
+        model_folder = folder if folder is not None and (folder / "config.json").is_file() else None
+        preprocess = open_clip_preprocess(
+            model_folder, _source_image_settings(src), config.vision_config.image_size
+        )
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
+
+
+def _write_open_clip(
+    out: Path, state_dict: dict[str, torch.Tensor], config: HfClipConfig, files: dict
+) -> None:
+    """The two files open_clip's `local-dir:` and `hf-hub:` loads read; weights under OpenAI's (= open_clip's
+    CLIP) names, written back through the same rules that read them."""
+    weights = invert_rules(state_dict, openai_rules(config))
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()}, out / _OPEN_CLIP_WEIGHTS, metadata={"format": "pt"}
+    )
+    (out / OPEN_CLIP_CONFIG).write_text(json.dumps(files, indent=2) + "\n")
+
+
 def _build(model_class: type, config: object, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     """Instantiate without random initialisation (every weight is overwritten) and load strictly."""
     with no_init_weights():
@@ -297,8 +334,11 @@ def convert_checkpoint(
     """Convert `src` and write a complete model directory (config, safetensors weights, processor) to `out_dir`.
 
     to="hf_clip" writes an `HfClipModel` directory; to="transformers" a transformers `CLIPModel` one (ViT
-    only). The processor files are built from the OpenAI BPE vocabulary (`bpe_vocab`, by default the copy
-    shipped with open_clip) and the model's input size; `processor=False` skips them (needed when the
+    only); to="open_clip" an open_clip folder (open_clip_config.json + open_clip_model.safetensors) that
+    `open_clip.create_model_and_transforms("local-dir:OUT")` loads: only for models with OpenAI's vocabulary
+    (open_clip's tokenizer), with the source's image preprocessing (open_clip's defaults, OpenAI's, with
+    `processor=False`). The processor files are built from the OpenAI BPE vocabulary (`bpe_vocab`, by default
+    the copy shipped with open_clip) and the model's input size; `processor=False` skips them (needed when the
     vocabulary is not OpenAI's). `activation` overrides the activation ("quick_gelu" is assumed for
     OpenAI / open_clip checkpoints, whose files do not record it). An existing non-empty `out_dir` is only
     replaced with `overwrite=True`. `config` (an `HfClipConfig`, preset name or config.json) names the
@@ -319,7 +359,8 @@ def convert_checkpoint(
             f"{src} has a logit bias (trained with the sigmoid loss), which transformers' CLIPModel lacks: "
             "its logits would be wrong. Keep it in hf_clip's format."
         )
-    if processor:
+    open_clip_files = _open_clip_files(src, config, bpe_vocab, processor) if to == "open_clip" else None
+    if processor and open_clip_files is None:
         check_processor_vocabulary(config)
         image = _source_image_settings(src)
         # A missing vocabulary file is reported before any weights are written.
@@ -329,13 +370,16 @@ def convert_checkpoint(
             raise FileNotFoundError(f"BPE vocabulary not found: {bpe_vocab} (--bpe-vocab).")
     if clip_config is not None:
         model = _build(CLIPModel, clip_config, invert_rules(state_dict, transformers_rules(config)))
-    else:
+    elif open_clip_files is None:
         model = _build(HfClipModel, config, state_dict)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp."))
     try:
-        model.save_pretrained(tmp)
-        if processor:
+        if open_clip_files is not None:
+            _write_open_clip(tmp, state_dict, config, open_clip_files)
+        else:
+            model.save_pretrained(tmp)
+        if processor and open_clip_files is None:
             save_processor_files(tmp, config, bpe_vocab, flavour=to, image=image)
         give_open_modes(tmp)
         _publish(tmp, out_dir)

@@ -13,7 +13,11 @@ without executing it), an OpenAI / open_clip state dict (.pt, .bin, .safetensors
 CLIPModel directory or an hf_clip directory, local or a Hub repository id (openai/clip-vit-base-patch32,
 laion/CLIP-ViT-H-14-laion2B-s32B-b79K; only the files of one copy of the weights are downloaded, safetensors
 first). With --to transformers, an hf_clip (or any ViT) source is
-written as a transformers CLIPModel directory instead.
+written as a transformers CLIPModel directory instead; with --to open_clip, as an open_clip folder
+(open_clip_config.json + open_clip_model.safetensors) for open_clip.create_model_and_transforms("local-dir:OUT")
+or, once uploaded, "hf-hub:org/name". open_clip tokenizes with OpenAI's BPE, so models with another vocabulary
+(one trained by examples/pretrain.py) are refused; the image processor becomes its preprocess_cfg (refused
+where open_clip cannot reproduce it; --no-processor writes open_clip's defaults, OpenAI's).
 
 An open_clip Hub folder (open_clip_config.json + open_clip_model.safetensors), or a weights file with
 open_clip_config.json beside it, takes its activation, heads and end-of-text id from that file, and variants
@@ -30,7 +34,7 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     """Register the `convert` sub-command on an `argparse` sub-parsers object."""
     parser = subparsers.add_parser(
         "convert",
-        help="convert OpenAI / open_clip / transformers CLIP checkpoints to hf_clip (or to transformers)",
+        help="convert OpenAI / open_clip / transformers CLIP checkpoints to hf_clip (or to transformers / open_clip)",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -39,7 +43,9 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         help="checkpoint file or model directory to convert, or a Hub repository id (openai/clip-vit-base-patch32)",
     )
     parser.add_argument("out_dir", help="directory to write (must be new or empty unless --overwrite)")
-    parser.add_argument("--to", choices=("hf_clip", "transformers"), default="hf_clip", help="output format")
+    parser.add_argument(
+        "--to", choices=("hf_clip", "transformers", "open_clip"), default="hf_clip", help="output format"
+    )
     parser.add_argument(
         "--bpe-vocab", default=None, help="OpenAI BPE file (default: the copy shipped with open_clip)"
     )
@@ -92,4 +98,6 @@ def run_convert(args: argparse.Namespace) -> int:
     except USER_ERRORS as error:  # ConversionError is a ValueError
         return report_error("convert", error)
     print(f"Wrote {args.to} model to {out}")
+    if args.to == "open_clip":
+        print(f"Load it with open_clip.create_model_and_transforms('local-dir:{out}')")
     return 0

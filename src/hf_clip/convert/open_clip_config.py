@@ -5,12 +5,13 @@ keep the exact OpenAI tensor names while computing something else (pooling at an
 mask, average-pooled images). open_clip's Hub folders ship their architecture as `open_clip_config.json`
 (`{"model_cfg": {...}, "preprocess_cfg": {...}}`); when it sits next to the weights, the conversion takes the
 activation, heads and end-of-text id from it and refuses what hf_clip does not implement, instead of
-guessing.
+guessing. `open_clip_model_cfg` writes the same file the other way, for `convert_checkpoint(to="open_clip")`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -154,4 +155,74 @@ def apply_open_clip_config(config: HfClipConfig, model_cfg: dict[str, Any], sour
     config.vision_config.num_attention_heads = pooled_width // int(vision.get("head_width", 64))
     if text.get("pool_type") == "eos":
         config.text_config.eos_token_id = int(text.get("eos_id", 2))
+    if model_cfg.get("init_logit_bias") is not None:
+        config.logit_bias_init_value = float(model_cfg["init_logit_bias"])
+    if model_cfg.get("init_logit_scale") is not None:
+        config.logit_scale_init_value = float(model_cfg["init_logit_scale"])
     return config
+
+
+def _mlp_ratio(width: int, mlp_width: int) -> float:
+    """open_clip builds an MLP `int(width * mlp_ratio)` wide: the ratio is nudged up where the division rounds
+    under (ViT-g's 6144 / 1408)."""
+    ratio = mlp_width / width
+    while int(width * ratio) < mlp_width:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+def open_clip_model_cfg(config: HfClipConfig) -> dict[str, Any]:
+    """The `model_cfg` from which open_clip's factory builds a `CLIP` computing what `config` does (the inverse
+    of `apply_open_clip_config`); a ConversionError for what that class cannot express.
+
+    The text tower pools at the first end-of-text token: open_clip's default 'argmax' finds it where it is the
+    vocabulary's highest id (OpenAI's), 'eos' with its id otherwise. A ResNet image tower uses ReLU, so only
+    the text tower's activation sets `quick_gelu`; a ViT's towers must share it (open_clip takes one)."""
+    text, vision = config.text_config, config.vision_config
+    problems = []
+    if vision.vision_type == "vit" and text.hidden_act != vision.hidden_act:
+        problems.append(
+            f"the text tower uses {text.hidden_act} and the image tower {vision.hidden_act}; open_clip's "
+            "quick_gelu sets both"
+        )
+    for tower, eps in (("text", text.layer_norm_eps), ("vision", vision.layer_norm_eps)):
+        if eps != 1e-5:
+            problems.append(f"{tower} layer_norm_eps={eps} (open_clip's LayerNorm uses 1e-5)")
+    if vision.num_channels != 3:
+        problems.append(f"num_channels={vision.num_channels} (open_clip's image towers take RGB)")
+    if problems:
+        raise ConversionError(f"open_clip's CLIP cannot express this model: {'; '.join(problems)}.")
+    text_cfg: dict[str, Any] = {
+        "context_length": text.max_position_embeddings,
+        "vocab_size": text.vocab_size,
+        "width": text.hidden_size,
+        "heads": text.num_attention_heads,
+        "layers": text.num_hidden_layers,
+        "mlp_ratio": _mlp_ratio(text.hidden_size, text.intermediate_size),
+    }
+    if text.eos_token_id != text.vocab_size - 1:
+        text_cfg.update(pool_type="eos", eos_id=text.eos_token_id)
+    # open_clip: heads = width // head_width (ViT), width * 32 // head_width (ResNet attention pool).
+    vision_cfg: dict[str, Any] = {
+        "image_size": vision.image_size,
+        "width": vision.hidden_size,
+        "head_width": vision.output_width // vision.num_attention_heads,
+    }
+    if vision.vision_type == "resnet":
+        vision_cfg["layers"] = list(vision.resnet_layers)
+    else:
+        vision_cfg.update(
+            layers=vision.num_hidden_layers,
+            patch_size=vision.patch_size,
+            mlp_ratio=_mlp_ratio(vision.hidden_size, vision.intermediate_size),
+        )
+    model_cfg: dict[str, Any] = {
+        "embed_dim": config.projection_dim,
+        "quick_gelu": text.hidden_act == "quick_gelu",
+        "vision_cfg": vision_cfg,
+        "text_cfg": text_cfg,
+        "init_logit_scale": config.logit_scale_init_value,
+    }
+    if config.logit_bias_init_value is not None:  # open_clip's CLIP then has (and adds) a logit_bias
+        model_cfg["init_logit_bias"] = config.logit_bias_init_value
+    return model_cfg

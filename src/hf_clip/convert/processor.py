@@ -8,6 +8,7 @@ the model's input size, so the output directory is complete.
 from __future__ import annotations
 
 import json
+import logging
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,15 @@ from ..tokenization_hf_clip import END_OF_TEXT, START_OF_TEXT, HfClipTokenizer
 from .rules import ConversionError
 
 __all__ = [
+    "check_open_clip_tokenizer",
     "check_processor_vocabulary",
     "image_settings",
     "model_folder_image_settings",
+    "open_clip_preprocess",
     "save_processor_files",
 ]
+
+logger = logging.getLogger(__name__)
 
 _OPENAI_VOCAB_SIZE = 49408
 # open_clip's interpolation names; "random" (a training option) resizes bicubic at inference, as open_clip does.
@@ -72,9 +77,9 @@ def image_settings(
     return settings
 
 
-def model_folder_image_settings(folder: Path) -> dict[str, Any]:
-    """Image-processor settings saved in a transformers or hf_clip model folder (preprocessor_config.json, or
-    the image_processor entry of processor_config.json), so that a round trip keeps them; OpenAI's if none."""
+def _saved_image_processor(folder: Path) -> tuple[dict[str, Any], Path] | None:
+    """The image processor saved in a model folder (preprocessor_config.json, or the image_processor entry of
+    processor_config.json) and its file, if there is one."""
     for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
         path = folder / name
         if not path.is_file():
@@ -84,23 +89,116 @@ def model_folder_image_settings(folder: Path) -> dict[str, Any]:
         except (OSError, json.JSONDecodeError) as error:
             raise ConversionError(f"{path} could not be read as JSON ({error}).") from error
         saved = saved.get(key) if key and isinstance(saved, dict) else saved
-        if not isinstance(saved, dict):
-            continue
-        settings: dict[str, Any] = {}
-        for field in ("image_mean", "image_std"):
-            if saved.get(field) is not None:
-                settings[field] = _three(saved[field], field, str(path))
-        if saved.get("resample") is not None:
-            settings["resample"] = PILImageResampling(int(saved["resample"]))
-        size = saved.get("size") or {}
-        if (
-            saved.get("do_center_crop") is False
-            and isinstance(size, dict)
-            and {"height", "width"} <= set(size)
+        if isinstance(saved, dict):
+            return saved, path
+    return None
+
+
+def model_folder_image_settings(folder: Path) -> dict[str, Any]:
+    """Image-processor settings saved in a transformers or hf_clip model folder (preprocessor_config.json, or
+    the image_processor entry of processor_config.json), so that a round trip keeps them; OpenAI's if none."""
+    found = _saved_image_processor(folder)
+    if found is None:
+        return {}
+    saved, path = found
+    settings: dict[str, Any] = {}
+    for field in ("image_mean", "image_std"):
+        if saved.get(field) is not None:
+            settings[field] = _three(saved[field], field, str(path))
+    if saved.get("resample") is not None:
+        settings["resample"] = PILImageResampling(int(saved["resample"]))
+    size = saved.get("size") or {}
+    if saved.get("do_center_crop") is False and isinstance(size, dict) and {"height", "width"} <= set(size):
+        settings["squash"] = True
+    return settings
+
+
+def _square(value: Any) -> int | None:
+    """A saved size as one side: an int, or a dict with shortest_edge or equal height and width."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        if value.get("shortest_edge") is not None:
+            return int(value["shortest_edge"])
+        if value.get("height") is not None and value.get("height") == value.get("width"):
+            return int(value["height"])
+    return None
+
+
+def open_clip_preprocess(folder: Path | None, settings: dict[str, Any], image_size: int) -> dict[str, Any]:
+    """open_clip's `preprocess_cfg` for `settings` (`image_settings` or `model_folder_image_settings`).
+
+    open_clip's eval transform resizes (bicubic or bilinear) to the model's own input size, then centre crops
+    to it ("shortest") or resizes the whole image to it ("squash"), converts to RGB, scales by 1/255 and
+    normalises. A model folder's image processor that does otherwise (another resize or crop size, another
+    filter, no rescaling or normalisation) is refused: open_clip would feed the model other pixels."""
+    resample = settings.get("resample", PILImageResampling.BICUBIC)
+    problems = []
+    if resample not in (PILImageResampling.BICUBIC, PILImageResampling.BILINEAR):
+        problems.append(f"resample={PILImageResampling(resample).name} (open_clip: bicubic or bilinear)")
+    found = _saved_image_processor(folder) if folder is not None else None
+    if found is not None:
+        saved = found[0]
+        if saved.get("do_resize") is False:
+            problems.append("do_resize=False")
+        elif (side := _square(saved.get("size"))) not in (None, image_size):
+            problems.append(f"resizes to {side} px, not the model's {image_size}")
+        if saved.get("do_center_crop", True) and (crop := _square(saved.get("crop_size"))) not in (
+            None,
+            image_size,
         ):
-            settings["squash"] = True
-        return settings
-    return {}
+            problems.append(f"crops {crop} px, not the model's {image_size}")
+        if (
+            saved.get("do_rescale") is False
+            or abs(float(saved.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12
+        ):
+            problems.append("pixels are not scaled by 1/255")
+        if saved.get("do_normalize") is False:
+            problems.append("do_normalize=False")
+    if problems:
+        raise ConversionError(
+            f"The image processor does what open_clip's preprocessing cannot: {'; '.join(problems)}. Convert "
+            "with processor=False (CLI: --no-processor) to write open_clip's defaults (OpenAI's) instead."
+        )
+    return {
+        "mean": settings.get("image_mean", list(HfClipImageProcessor.image_mean)),
+        "std": settings.get("image_std", list(HfClipImageProcessor.image_std)),
+        "interpolation": "bilinear" if resample == PILImageResampling.BILINEAR else "bicubic",
+        "resize_mode": "squash" if settings.get("squash") else "shortest",
+    }
+
+
+def check_open_clip_tokenizer(
+    folder: Path | None, config: HfClipConfig, bpe_vocab: str | PathLike | None = None
+) -> None:
+    """open_clip tokenizes with OpenAI's BPE (its SimpleTokenizer) unless text_cfg names a Hugging Face
+    tokenizer, loaded from the folder for `local-dir:` but from that Hub name for `hf-hub:`, and for hf_clip's
+    tokenizer only with trust_remote_code: no config describes another vocabulary portably. So the model must
+    use OpenAI's; a folder's saved tokenizer is compared with it entry for entry (a vocabulary trained by
+    examples/pretrain.py is refused even at 49,408 tokens). Without one, the vocabulary size decides."""
+    reason = None
+    if config.text_config.vocab_size != _OPENAI_VOCAB_SIZE:
+        reason = f"the model's vocabulary has {config.text_config.vocab_size} tokens, not OpenAI BPE's 49,408"
+    elif folder is not None and (folder / "tokenizer.json").is_file():
+        saved = json.loads((folder / "tokenizer.json").read_text()).get("model", {})
+        openai = json.loads(HfClipTokenizer.from_openai_bpe(bpe_vocab).backend_tokenizer.to_str())["model"]
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in saved.get("merges", [])]
+        # Up to <start_of_text> and <end_of_text>, which transformers' tokenizer spells otherwise.
+        specials = _OPENAI_VOCAB_SIZE - 2
+        vocab = {token: index for token, index in saved.get("vocab", {}).items() if index < specials}
+        if merges != [tuple(m) for m in openai["merges"]] or vocab != {
+            token: index for token, index in openai["vocab"].items() if index < specials
+        }:
+            reason = f"its tokenizer ({folder / 'tokenizer.json'}) is not OpenAI's BPE vocabulary"
+    elif folder is not None and (folder / "config.json").is_file():
+        logger.warning(
+            "%s saves no tokenizer.json: taking its 49,408-token vocabulary for OpenAI's BPE.", folder
+        )
+    if reason is not None:
+        raise ConversionError(
+            f"open_clip would tokenize captions with OpenAI's BPE vocabulary, but {reason}: the text embeddings "
+            "would be computed from the wrong token ids. Keep this model in hf_clip's format."
+        )
 
 
 def _image_kwargs(size: int, settings: dict[str, Any]) -> dict[str, Any]:
