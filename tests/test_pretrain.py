@@ -88,6 +88,23 @@ def test_builtin_run_saves_a_loadable_model(tmp_path):
         render_model_card(run, preset="ViT-B/32")
 
 
+def test_gradient_checkpointing_trains_the_same_model(tmp_path):
+    """--gradient_checkpointing recomputes activations in backward: the same losses, and no deprecation warning
+    from transformers (its enable call was renamed in 5.x)."""
+    import warnings
+
+    plain = tiny_args(tmp_path / "plain", max_steps=3, train_samples=24)
+    run_pretraining(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        checkpointed = tiny_args(
+            tmp_path / "ckpt", max_steps=3, train_samples=24, gradient_checkpointing=True
+        )
+        run_pretraining(checkpointed)
+    expected = logged_losses(Path(plain.output_dir))
+    assert logged_losses(Path(checkpointed.output_dir)) == pytest.approx(expected, abs=1e-5)
+
+
 def test_resume_continues_exactly(tmp_path):
     import shutil
 

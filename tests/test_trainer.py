@@ -365,7 +365,7 @@ def test_clip_recipe_in_the_trainer_clamps_the_temperature(tmp_path, tokenizer):
 
     class Record(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
-            seen.append(float(model.logit_scale.exp()))
+            seen.append(float(model.logit_scale.detach().exp()))
 
     trainer = Trainer(
         model=model,

@@ -715,7 +715,11 @@ def run_pretraining(args: PretrainArguments) -> dict[str, Any]:
     image_processor = HfClipImageProcessor.for_image_size(size)
     processor = HfClipProcessor(image_processor=image_processor, tokenizer=tokenizer)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5.x renamed it (the old name warns of its removal in v6); older 5.x have only the old one.
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        )
+        enable()
     locks = _apply_locks(args, model, accelerator)
     parameter_counts = count_parameters(model)  # before DeepSpeed partitions them
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()) and (
