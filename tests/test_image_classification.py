@@ -240,6 +240,14 @@ def test_classifier_folders_are_refused_where_both_towers_are_needed(tmp_path, t
 
     with pytest.raises(ValueError, match="no text tower.*contrastive training"):
         run_pretraining(tiny_args(tmp_path / "pretrain", model=str(out_dir)))
+    # Loaded as the contrastive model anyway (AutoModel with hf_clip imported), it says what is missing.
+    from transformers.testing_utils import CaptureLogger
+
+    from hf_clip import modeling_hf_clip
+
+    with CaptureLogger(modeling_hf_clip.logger) as captured:
+        AutoModel.from_pretrained(out_dir)
+    assert "random text tower" in captured.out
     # The contrastive folder itself still loads as the contrastive model.
     assert isinstance(AutoModel.from_pretrained(folder), HfClipModel)
 

@@ -24,9 +24,11 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_hf_clip import HfClipConfig, HfClipTextConfig, HfClipVisionConfig
+
+logger = logging.get_logger(__name__)
 
 
 class QuickGELU(nn.Module):
@@ -1157,6 +1159,12 @@ class HfClipModel(HfClipPreTrainedModel):
 
     def __init__(self, config: HfClipConfig) -> None:
         super().__init__(config)
+        if "HfClipForImageClassification" in (config.architectures or []):
+            logger.warning(
+                "This config was saved with an image classifier (HfClipForImageClassification), whose folder has "
+                "no text tower: the contrastive model built from it has a random text tower and temperature, and "
+                "scores text at chance. Load it with AutoModelForImageClassification."
+            )
         self.text_model = HfClipTextTransformer(config.text_config)
         self.vision_model = build_vision_tower(config.vision_config)
         self.text_projection = HfClipLinear(config.text_config.hidden_size, config.projection_dim, bias=False)
