@@ -18,6 +18,7 @@ from test_modeling import tiny_config
 from transformers import (
     AutoImageProcessor,
     AutoModel,
+    AutoModelForImageClassification,
     AutoProcessor,
     AutoTokenizer,
     Trainer,
@@ -378,5 +379,13 @@ def test_clip_recipe_in_the_trainer_clamps_the_temperature(tmp_path, tokenizer):
     trainer.train()
     assert seen[0] == pytest.approx(200.0) and all(s <= 100.0 + 1e-4 for s in seen[1:]), seen
     assert float(model.logit_scale.exp()) <= 100.0 + 1e-4
+    classifier = AutoModelForImageClassification.from_config(model.config)  # no temperature: refused at once
+    size = model.config.vision_config.image_size
+    rows = [{"pixel_values": torch.zeros(3, size, size), "labels": 0}]
+    args = training_args(tmp_path / "c", max_steps=1)
+    with pytest.raises(AttributeError, match="no temperature"):
+        Trainer(
+            model=classifier, args=args, train_dataset=rows, callbacks=[ClampLogitScaleCallback()]
+        ).train()
     no_decay = set(weight_decay_split(model)[1])
     assert "logit_scale" in no_decay and trainer.optimizer.param_groups[1]["weight_decay"] == 0.0

@@ -130,10 +130,20 @@ class ClampLogitScaleCallback(TrainerCallback):
     """`clamp_logit_scale` after every optimizer step of transformers' Trainer, which knows nothing of CLIP's
     temperature: without it a fine-tuning run can push the logit multiplier past the paper's cap of 100.
     With the paper's decay groups as well: `Trainer(..., optimizers=(create_optimizer(model, ...), None),
-    callbacks=[ClampLogitScaleCallback()])`."""
+    callbacks=[ClampLogitScaleCallback()])`. Not for the Trainer with DeepSpeed, whose fp32 master copy it
+    would miss (and whose engine cannot broadcast the 0-d temperature); `examples/pretrain.py` handles both."""
 
     def __init__(self, max_scale: float = 100.0) -> None:
         self.max_scale = max_scale
+
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ):
+        if model is not None and not isinstance(getattr(_unwrap(model), "logit_scale", None), torch.Tensor):
+            raise AttributeError(
+                f"ClampLogitScaleCallback: {type(_unwrap(model)).__name__} has no temperature (logit_scale) to "
+                "clamp; use it with the CLIP model (HfClipModel), or leave it out."
+            )
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
         if model is not None:
